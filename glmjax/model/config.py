@@ -1,0 +1,195 @@
+"""`ModelConfig`: every architecture of the seed papers as a combination of fields.
+
+The size fields (`vocab_size`, `d_model`, `num_layers`, `num_heads`,
+`num_kv_heads`, `head_dim`, `ffn_dim`, `max_length`) are a contract
+(DESIGN.md section 2). Everything else names one architectural choice:
+
+| model         | norm / placement        | ffn     | positions            | other                          |
+|---------------|-------------------------|---------|----------------------|--------------------------------|
+| GLM (10B)     | layernorm / pre         | gelu_tanh | learned_2d         | tied embeddings, biases        |
+| GLM-130B      | layernorm / deepnorm    | geglu   | rope (1D)            | embedding grad shrink 0.1      |
+| ChatGLM-6B    | layernorm / deepnorm    | gelu_tanh | rope_2d            | untied head                    |
+| ChatGLM2-6B   | rmsnorm / pre           | swiglu  | rope, half, interleaved | GQA (2 groups), qkv bias only |
+| LLaMA 1/2     | rmsnorm / pre           | swiglu  | rope, rotate_half    | GQA for 70B                    |
+| PaLM          | layernorm (no bias)     | swiglu  | rope                 | parallel block, MQA, tied      |
+| BLOOM         | layernorm / pre         | gelu_tanh | alibi              | embedding layernorm, tied      |
+| GPT-2         | layernorm / pre         | gelu_tanh | learned            | tied, biases                   |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post", "sandwich", "deepnorm")
+# name -> (activation, gated). Gated FFNs (Shazeer 2020, "GLU Variants"):
+# act(x W_gate) * (x W_up), then W_down.
+FFN_KINDS = {
+    "gelu": ("gelu", False),
+    "gelu_tanh": ("gelu_tanh", False),
+    "relu": ("relu", False),
+    "silu": ("silu", False),
+    "geglu": ("gelu", True),
+    "geglu_tanh": ("gelu_tanh", True),
+    "swiglu": ("silu", True),
+    "reglu": ("relu", True),
+}
+POSITION_KINDS = ("none", "learned", "learned_2d", "sinusoidal", "rope", "rope_2d", "alibi")
+ROPE_LAYOUTS = ("rotate_half", "interleaved")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """A decoder-only transformer. See the module docstring for the presets' choices."""
+
+  # Sizes (contract).
+  vocab_size: int = 256
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  ffn_dim: int = 256
+  max_length: int = 128
+
+  # Normalisation.
+  norm: str = "layernorm"
+  norm_placement: str = "pre"
+  norm_eps: float = 1e-5
+  norm_bias: bool = True  # LayerNorm shift; RMSNorm never has one.
+
+  # Feed-forward.
+  ffn: str = "gelu"
+  num_experts: int = 0  # 0: dense FFN. >0: mixture of experts in every layer.
+  experts_top_k: int = 2
+  expert_capacity_factor: float = 1.25
+  router_aux_loss_weight: float = 0.01
+
+  # Attention.
+  qkv_bias: bool = False
+  attn_out_bias: bool = False
+  mlp_bias: bool = False
+  attention_impl: str = "xla"
+
+  # Positions.
+  position: str = "rope"
+  rope_theta: float = 10000.0
+  rotary_fraction: float = 1.0  # ChatGLM2 rotates the first half of each head.
+  rope_layout: str = "rotate_half"  # LLaMA; ChatGLM2/GLM-4 use "interleaved".
+
+  # Block structure.
+  parallel_block: bool = False  # PaLM / GPT-J: attention and MLP on the same normed input.
+  parallel_shared_norm: bool = True  # PaLM: one norm; GPT-NeoX: two norms of the same input.
+  tie_embeddings: bool = False
+  embed_norm: bool = False  # BLOOM: LayerNorm right after the word embedding.
+  embed_grad_scale: float = 1.0  # GLM-130B: 0.1 shrinks the embedding gradient only.
+  lm_head_bias: bool = False
+
+  # Numerics and compilation.
+  dtype: str = "float32"  # compute dtype
+  param_dtype: str = "float32"
+  init_std: float = 0.02
+  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+
+  def __post_init__(self):
+    validate(self)
+
+  @property
+  def rotary_dim(self) -> int:
+    """Number of head dims rotated by RoPE (per position stream for rope_2d)."""
+    if self.position == "rope_2d":
+      return self.head_dim // 2
+    return int(self.head_dim * self.rotary_fraction)
+
+  @property
+  def deepnorm_alpha(self) -> float:
+    """GLM-130B DeepNorm residual scale (2N)^0.5, N = number of layers."""
+    return (2.0 * self.num_layers) ** 0.5
+
+  @property
+  def deepnorm_beta(self) -> float:
+    """GLM-130B DeepNorm init gain (2N)^-0.5 for ffn, value and output projections."""
+    return (2.0 * self.num_layers) ** -0.5
+
+  @property
+  def ffn_activation(self) -> str:
+    return FFN_KINDS[self.ffn][0]
+
+  @property
+  def ffn_gated(self) -> bool:
+    return FFN_KINDS[self.ffn][1]
+
+  @property
+  def uses_learned_positions(self) -> bool:
+    return self.position in ("learned", "learned_2d")
+
+  @property
+  def has_final_norm(self) -> bool:
+    """Post-LN normalises after every sublayer already (original Transformer)."""
+    return self.norm_placement != "post"
+
+
+def _require(condition: bool, field: str, message: str):
+  if not condition:
+    raise ValueError(f"ModelConfig.{field}: {message}")
+
+
+def _one_of(config, field: str, allowed):
+  value = getattr(config, field)
+  _require(value in allowed, field, f"{value!r} is not one of {tuple(allowed)}")
+
+
+def validate(config: ModelConfig) -> None:
+  """Raises ValueError naming the offending field and the fix."""
+  for field in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "ffn_dim", "max_length"):
+    value = getattr(config, field)
+    _require(isinstance(value, int) and value > 0, field, f"must be a positive int, got {value!r}")
+  _one_of(config, "norm", NORMS)
+  _one_of(config, "norm_placement", NORM_PLACEMENTS)
+  _one_of(config, "ffn", FFN_KINDS)
+  _one_of(config, "position", POSITION_KINDS)
+  _one_of(config, "rope_layout", ROPE_LAYOUTS)
+  _one_of(config, "dtype", DTYPES)
+  _one_of(config, "param_dtype", DTYPES)
+  _one_of(config, "attention_impl", ATTENTION_IMPLS)
+  _require(config.num_heads % config.num_kv_heads == 0, "num_kv_heads",
+           f"num_heads={config.num_heads} must be divisible by num_kv_heads={config.num_kv_heads} "
+           "(MHA: equal, MQA: 1, GQA: a divisor)")
+  _require(config.norm_eps > 0, "norm_eps", f"must be > 0, got {config.norm_eps}")
+  _require(0.0 < config.rotary_fraction <= 1.0, "rotary_fraction",
+           f"must be in (0, 1], got {config.rotary_fraction}")
+  if config.position in ("rope", "rope_2d"):
+    _require(config.rotary_dim % 2 == 0 and config.rotary_dim > 0, "rotary_fraction",
+             f"rotary dim {config.rotary_dim} (head_dim={config.head_dim} x rotary_fraction="
+             f"{config.rotary_fraction}) must be a positive even number; pick an even head_dim")
+  if config.position == "rope_2d":
+    _require(config.head_dim % 4 == 0, "head_dim",
+             f"rope_2d splits each head in two rotated halves, so head_dim={config.head_dim} "
+             "must be a multiple of 4")
+  if config.position == "sinusoidal":
+    _require(config.d_model % 2 == 0, "d_model", "sinusoidal positions need an even d_model")
+  if config.num_experts:
+    _require(config.num_experts > 0, "num_experts", "must be >= 0")
+    _require(1 <= config.experts_top_k <= config.num_experts, "experts_top_k",
+             f"must be in [1, num_experts={config.num_experts}], got {config.experts_top_k}")
+    _require(config.expert_capacity_factor > 0, "expert_capacity_factor", "must be > 0")
+  _require(config.norm_placement == "pre" or not config.parallel_block, "parallel_block",
+           f"the parallel block is pre-norm; norm_placement={config.norm_placement!r} is not supported "
+           "with it (use norm_placement='pre')")
+  _require(config.embed_grad_scale > 0, "embed_grad_scale", "must be > 0 (1.0 disables the shrink)")
+  if config.remat_policy != "none":
+    import jax  # pylint: disable=import-outside-toplevel
+    _require(hasattr(jax.checkpoint_policies, config.remat_policy), "remat_policy",
+             f"{config.remat_policy!r} is neither 'none' nor a name in jax.checkpoint_policies "
+             "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable')")
+
+
+def llama_ffn_dim(d_model: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:
+  """LLaMA's SwiGLU hidden size: 2/3 of 4d, times `multiplier`, rounded up to `multiple_of`."""
+  hidden = int(2 * 4 * d_model / 3)
+  hidden = int(multiplier * hidden)
+  return multiple_of * math.ceil(hidden / multiple_of)

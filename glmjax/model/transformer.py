@@ -1,0 +1,249 @@
+"""The decoder forward pass: embed -> scanned, rematerialised blocks -> norm -> logits.
+
+One function serves every preset; the config picks norms, placements,
+positions and FFN. The attention sublayer is split into projections, position
+encoding and the attention call so the KV-cache decoder can reuse each piece.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from glmjax import pallas
+from glmjax.model import layers
+from glmjax.model.config import ModelConfig
+from glmjax.model.constraints import constrain
+
+ACT_AXES = ("batch", "length", "embed")
+
+
+@dataclasses.dataclass(frozen=True)
+class PositionContext:
+  """Per-batch tensors every layer needs, computed once outside the layer scan."""
+  segment_ids: jax.Array  # [B, L]
+  bidirectional: jax.Array  # [B, L]
+  rope_angles: Optional[jax.Array] = None  # [B, L, R] (rope) or None
+  rope_block_angles: Optional[jax.Array] = None  # [B, L, R] (rope_2d second stream)
+  alibi_slopes: Optional[jax.Array] = None  # [H]
+
+
+jax.tree_util.register_dataclass(
+    PositionContext,
+    data_fields=["segment_ids", "bidirectional", "rope_angles", "rope_block_angles", "alibi_slopes"],
+    meta_fields=[])
+
+
+def compute_dtype(config: ModelConfig):
+  return jnp.dtype(config.dtype)
+
+
+def validate_batch(batch: dict, config: ModelConfig) -> None:
+  """Trace-time checks of the batch contract (DESIGN.md section 2)."""
+  if "tokens" not in batch:
+    raise ValueError(f"batch has no 'tokens'; keys are {sorted(batch)}")
+  if batch["tokens"].ndim != 2:
+    raise ValueError(f"batch['tokens'] must be [batch, length], got shape {batch['tokens'].shape}")
+  length = batch["tokens"].shape[1]
+  if length > config.max_length:
+    raise ValueError(f"batch length {length} exceeds ModelConfig.max_length={config.max_length}; "
+                     "shorten the sequences or raise max_length")
+  for key in ("segment_ids", "positions", "block_positions", "bidirectional"):
+    if key in batch and batch[key].shape != batch["tokens"].shape:
+      raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}, expected "
+                       f"{batch['tokens'].shape} like batch['tokens']")
+  if config.position in ("learned_2d", "rope_2d") and "block_positions" not in batch:
+    raise ValueError(f"position={config.position!r} needs batch['block_positions'] "
+                     "(GLM Part B positions; zeros for plain text)")
+
+
+def default_fields(batch: dict) -> dict:
+  """Fills the optional batch fields for plain causal LM on unpacked rows."""
+  tokens = batch["tokens"]
+  B, L = tokens.shape
+  out = dict(batch)
+  out.setdefault("segment_ids", jnp.ones((B, L), jnp.int32))
+  out.setdefault("positions", jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)))
+  out.setdefault("block_positions", jnp.zeros((B, L), jnp.int32))
+  out.setdefault("bidirectional", jnp.zeros((B, L), jnp.int32))
+  return out
+
+
+def position_context(batch: dict, config: ModelConfig) -> PositionContext:
+  rope = block = slopes = None
+  if config.position == "rope":
+    rope = layers.rope_angles(batch["positions"], config.rotary_dim, config.rope_theta)
+  elif config.position == "rope_2d":
+    rope = layers.rope_angles(batch["positions"], config.rotary_dim, config.rope_theta)
+    block = layers.rope_angles(batch["block_positions"], config.rotary_dim, config.rope_theta)
+  elif config.position == "alibi":
+    slopes = layers.alibi_slopes(config.num_heads)
+  return PositionContext(segment_ids=batch["segment_ids"], bidirectional=batch["bidirectional"],
+                         rope_angles=rope, rope_block_angles=block, alibi_slopes=slopes)
+
+
+# --- Embedding --------------------------------------------------------------------------------
+
+def embed(params: dict, batch: dict, config: ModelConfig):
+  """Token (+ absolute position) embedding, optional embedding norm -> [B, L, D]."""
+  table = layers.shrink_gradient(params["embed"]["embedding"], config.embed_grad_scale)
+  x = jnp.take(table, batch["tokens"], axis=0)
+  if config.uses_learned_positions:
+    x = x + jnp.take(params["embed"]["position"], batch["positions"], axis=0)
+  if config.position == "learned_2d":
+    x = x + jnp.take(params["embed"]["block_position"], batch["block_positions"], axis=0)
+  if config.position == "sinusoidal":
+    x = x + layers.sinusoidal_embedding(batch["positions"], config.d_model)
+  x = x.astype(compute_dtype(config))
+  if config.embed_norm:
+    x = layers.apply_norm(config.norm, params["embed_norm"], x, config.norm_eps)
+  return x
+
+
+# --- Attention sublayer -----------------------------------------------------------------------
+
+def project_qkv(p: dict, x_BLD, config: ModelConfig):
+  """q [B, L, H, Dh], k/v [B, L, K, Dh] before any position encoding."""
+  dtype = x_BLD.dtype
+  q = jnp.einsum("bld,dhk->blhk", x_BLD, p["wq"].astype(dtype))
+  k = jnp.einsum("bld,dhk->blhk", x_BLD, p["wk"].astype(dtype))
+  v = jnp.einsum("bld,dhk->blhk", x_BLD, p["wv"].astype(dtype))
+  if "bq" in p:
+    q = q + p["bq"].astype(dtype)
+    k = k + p["bk"].astype(dtype)
+    v = v + p["bv"].astype(dtype)
+  return q, k, v
+
+
+def encode_positions(q, k, ctx: PositionContext, config: ModelConfig):
+  """Applies RoPE / 2D RoPE to q and k; other schemes leave them unchanged."""
+  if config.position == "rope":
+    return (layers.apply_rope(q, ctx.rope_angles, config.rope_layout),
+            layers.apply_rope(k, ctx.rope_angles, config.rope_layout))
+  if config.position == "rope_2d":
+    return (layers.apply_rope_2d(q, ctx.rope_angles, ctx.rope_block_angles),
+            layers.apply_rope_2d(k, ctx.rope_angles, ctx.rope_block_angles))
+  return q, k
+
+
+def project_out(p: dict, o_BLHD, config: ModelConfig):
+  out = jnp.einsum("blhk,hkd->bld", o_BLHD, p["wo"].astype(o_BLHD.dtype))
+  if "bo" in p:
+    out = out + p["bo"].astype(o_BLHD.dtype)
+  return out
+
+
+def attention_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
+  q, k, v = project_qkv(p, x_BLD, config)
+  q, k = encode_positions(q, k, ctx, config)
+  o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
+                       alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
+  return project_out(p, o, config)
+
+
+def mlp_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
+  """Returns (output, auxiliary loss); the loss is 0 for dense FFNs."""
+  dtype = x_BLD.dtype
+  if config.num_experts:
+    return layers.moe_ffn(p, x_BLD, ctx.segment_ids != 0, activation=config.ffn_activation,
+                          gated=config.ffn_gated, top_k=config.experts_top_k,
+                          capacity_factor=config.expert_capacity_factor, dtype=dtype)
+  return layers.dense_ffn(p, x_BLD, config.ffn_activation, config.ffn_gated, dtype), jnp.zeros((), jnp.float32)
+
+
+# --- Block ------------------------------------------------------------------------------------
+
+def block(layer: dict, x, ctx: PositionContext, config: ModelConfig):
+  """One transformer layer under the configured norm placement. Returns (x, aux_loss).
+
+  pre:      x + f(N(x))                       (GPT-2, LLaMA)
+  post:     N(x + f(x))                       (original Transformer)
+  sandwich: x + N_post(f(N(x)))               (CogView / GLM)
+  deepnorm: n = N(x); alpha * n + f(n)        (GLM-130B: DeepNorm with alpha = (2N)^0.5,
+                                               the LN of the next sublayer closing the residual)
+  parallel: x + attn(N(x)) + mlp(N(x))        (PaLM; GPT-NeoX with a second norm)
+  """
+  norm = functools.partial(layers.apply_norm, config.norm, eps=config.norm_eps)
+  attn = functools.partial(attention_sublayer, ctx=ctx, config=config)
+  mlp = functools.partial(mlp_sublayer, ctx=ctx, config=config)
+  placement = config.norm_placement
+  if config.parallel_block:
+    h = norm(layer["attn_norm"], x)
+    h_mlp = h if config.parallel_shared_norm else norm(layer["mlp_norm"], x)
+    mlp_out, aux = mlp(layer["mlp"], h_mlp)
+    return x + attn(layer["attn"], h) + mlp_out, aux
+  if placement == "pre":
+    x = x + attn(layer["attn"], norm(layer["attn_norm"], x))
+    mlp_out, aux = mlp(layer["mlp"], norm(layer["mlp_norm"], x))
+    return x + mlp_out, aux
+  if placement == "post":
+    x = norm(layer["attn_norm"], x + attn(layer["attn"], x))
+    mlp_out, aux = mlp(layer["mlp"], x)
+    return norm(layer["mlp_norm"], x + mlp_out), aux
+  if placement == "sandwich":
+    x = x + norm(layer["attn_post_norm"], attn(layer["attn"], norm(layer["attn_norm"], x)))
+    mlp_out, aux = mlp(layer["mlp"], norm(layer["mlp_norm"], x))
+    return x + norm(layer["mlp_post_norm"], mlp_out), aux
+  if placement == "deepnorm":
+    alpha = config.deepnorm_alpha
+    h = norm(layer["attn_norm"], x)
+    x = h * alpha + attn(layer["attn"], h)
+    h = norm(layer["mlp_norm"], x)
+    mlp_out, aux = mlp(layer["mlp"], h)
+    return h * alpha + mlp_out, aux
+  raise ValueError(f"ModelConfig.norm_placement={placement!r} is not supported")
+
+
+def remat(fn, config: ModelConfig):
+  if config.remat_policy == "none":
+    return fn
+  policy = getattr(jax.checkpoint_policies, config.remat_policy)
+  return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+
+
+def run_layers(layer_params: dict, x, ctx: PositionContext, config: ModelConfig):
+  """All layers by `lax.scan` over the stacked `layers` axis (compile time flat in depth)."""
+
+  def body(carry, layer):
+    y, aux = block(layer, carry, ctx, config)
+    return constrain(y, ACT_AXES), aux
+
+  x, aux_per_layer = jax.lax.scan(remat(body, config), x, layer_params)
+  return x, jnp.sum(aux_per_layer)
+
+
+# --- Head -------------------------------------------------------------------------------------
+
+def logits_from_hidden(params: dict, x_BLD, config: ModelConfig):
+  """Final norm and vocabulary projection; float32 logits [B, L, V]."""
+  if config.has_final_norm:
+    x_BLD = layers.apply_norm(config.norm, params["final_norm"], x_BLD, config.norm_eps)
+  if config.tie_embeddings:
+    kernel = params["embed"]["embedding"].astype(x_BLD.dtype).T
+  else:
+    kernel = params["lm_head"]["kernel"].astype(x_BLD.dtype)
+  logits = jnp.einsum("bld,dv->blv", x_BLD, kernel, preferred_element_type=jnp.float32)
+  if config.lm_head_bias:
+    logits = logits + params["lm_head"]["bias"].astype(jnp.float32)
+  return logits.astype(jnp.float32)
+
+
+def forward_with_aux(params: dict, batch: dict, config: ModelConfig) -> tuple[jax.Array, dict[str, Any]]:
+  """Logits [B, L, V] (float32) and auxiliary outputs ({"moe_aux_loss": scalar})."""
+  validate_batch(batch, config)
+  batch = default_fields(batch)
+  ctx = position_context(batch, config)
+  x = constrain(embed(params, batch, config), ACT_AXES)
+  x, moe_aux = run_layers(params["layers"], x, ctx, config)
+  logits = logits_from_hidden(params, x, config)
+  aux = {"moe_aux_loss": moe_aux / config.num_layers if config.num_experts else moe_aux}
+  return logits, aux
+
+
+def forward(params: dict, batch: dict, config: ModelConfig) -> jax.Array:
+  """Logits [batch, length, vocab] in float32 (contract, DESIGN.md section 2)."""
+  return forward_with_aux(params, batch, config)[0]
