@@ -1,0 +1,214 @@
+"""SentencePiece vocabulary with GLM's special tokens as single ids.
+
+`default_vocabulary()` is the tokenizer shipped in glmjax/tasks/data/, trained
+on the embedded corpus (glmjax/tasks/corpus.py) with:
+
+  glmjax tokenizer train \
+      --input glmjax/tasks/data/corpus/shakespeare.train.jsonl.gz \
+              glmjax/tasks/data/corpus/poems_zh.train.jsonl.gz@10 \
+      --vocab_size 8192 --out glmjax/tasks/data/glm_en_zh_8k.model
+
+(`@10` repeats the small Chinese part ten times so that common Chinese
+characters get their own pieces.) Ids of the special tokens in that model:
+
+  <pad> 0, </s> (eos) 1, <unk> 2, [MASK] 3, [sMASK] 4, [gMASK] 5, <sop> 6,
+  <eop> 7, <|system|> 8, <|user|> 9, <|assistant|> 10, <|observation|> 11,
+  "\\n" 12.
+
+The specials are SentencePiece user-defined symbols: typing "[MASK]" in text
+encodes to the single id, and decoding gives the text back. Normalization is
+the identity and byte fallback is on, so decode(encode(x)) == x for any text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gzip
+import json
+import os
+import pathlib
+import tempfile
+from typing import Iterable, Iterator, Sequence
+
+import seqio
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
+DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
+DEFAULT_MODEL = DATA_DIR / "glm_en_zh_8k.model"
+
+MASK = "[MASK]"
+SMASK = "[sMASK]"
+GMASK = "[gMASK]"
+SOP = "<sop>"
+EOP = "<eop>"
+SYSTEM = "<|system|>"
+USER = "<|user|>"
+ASSISTANT = "<|assistant|>"
+OBSERVATION = "<|observation|>"
+NEWLINE = "\n"
+ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT, "observation": OBSERVATION}
+# Printable ASCII always gets a piece, so digits and operators of the arithmetic
+# tasks are single ids even though the corpus barely uses them.
+REQUIRED_CHARS = "".join(chr(c) for c in range(33, 127))
+SPECIAL_TOKENS = (MASK, SMASK, GMASK, SOP, EOP, SYSTEM, USER, ASSISTANT, OBSERVATION, NEWLINE)
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """Ids of the control and GLM special tokens of one vocabulary."""
+  pad: int
+  eos: int
+  unk: int
+  mask: int
+  smask: int
+  gmask: int
+  sop: int
+  eop: int
+  system: int
+  user: int
+  assistant: int
+  observation: int
+  newline: int
+
+  def role(self, name: str) -> int:
+    if name not in ROLES:
+      raise ValueError(f"chat role={name!r} is not one of {sorted(ROLES)}")
+    return getattr(self, name)
+
+
+_FIELD_OF_TOKEN = {MASK: "mask", SMASK: "smask", GMASK: "gmask", SOP: "sop", EOP: "eop",
+                   SYSTEM: "system", USER: "user", ASSISTANT: "assistant",
+                   OBSERVATION: "observation", NEWLINE: "newline"}
+
+
+def _missing_specials(processor: spm.SentencePieceProcessor) -> list[str]:
+  return [t for t in SPECIAL_TOKENS if processor.piece_to_id(t) == processor.unk_id()]
+
+
+class GLMVocabulary(seqio.SentencePieceVocabulary):
+  """A seqio SentencePieceVocabulary whose model has every GLM special token.
+
+  Raises ValueError at construction when a special token is missing; any
+  SentencePiece model (LLaMA's, Mistral's) can get them with
+  `add_special_tokens` / `glmjax tokenizer add-specials`.
+  """
+
+  def __init__(self, sentencepiece_model_file: str | os.PathLike, use_fast_tokenizer: bool = False):
+    super().__init__(str(sentencepiece_model_file), extra_ids=0, use_fast_tokenizer=use_fast_tokenizer)
+    missing = _missing_specials(self.tokenizer)
+    if missing:
+      raise ValueError(
+          f"sentencepiece_model_file={sentencepiece_model_file} lacks the special tokens "
+          f"{missing}; add them with `glmjax tokenizer add-specials --model "
+          f"{sentencepiece_model_file} --out NEW.model` and load NEW.model")
+
+  @functools.cached_property
+  def special_ids(self) -> SpecialIds:
+    ids = {field: self.tokenizer.piece_to_id(token) for token, field in _FIELD_OF_TOKEN.items()}
+    return SpecialIds(pad=self.pad_id, eos=self.eos_id, unk=self.unk_id, **ids)
+
+  def __getstate__(self):
+    state = super().__getstate__()
+    state.pop("special_ids", None)
+    return state
+
+
+@functools.lru_cache(maxsize=None)
+def default_vocabulary() -> GLMVocabulary:
+  """The shipped vocabulary (8192 ids, English + Chinese, GLM specials)."""
+  return GLMVocabulary(DEFAULT_MODEL)
+
+
+def special_ids(vocabulary: seqio.Vocabulary | None = None) -> SpecialIds:
+  """SpecialIds of `vocabulary` (default: the shipped one)."""
+  vocabulary = vocabulary or default_vocabulary()
+  if not isinstance(vocabulary, GLMVocabulary):
+    raise TypeError(f"vocabulary={vocabulary} is not a GLMVocabulary; wrap its model file "
+                    "with glmjax.tasks.vocab.GLMVocabulary(path)")
+  return vocabulary.special_ids
+
+
+# ------------------------------------------------------------------ training
+
+
+def read_training_text(path: str) -> Iterator[str]:
+  """Lines of text from a plain text file or from the `text` field of JSONL(.gz)."""
+  opener = gzip.open if path.endswith(".gz") else open
+  is_jsonl = path.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz"))
+  with opener(path, "rt", encoding="utf-8") as f:
+    for line in f:
+      if is_jsonl:
+        if not line.strip():
+          continue
+        record = json.loads(line)
+        if "text" not in record:
+          raise ValueError(f"{path}: JSONL record has no 'text' field (keys: {sorted(record)})")
+        yield from (l for l in record["text"].splitlines() if l.strip())
+      elif line.strip():
+        yield line.rstrip("\n")
+
+
+def parse_weighted_inputs(inputs: Sequence[str]) -> list[tuple[str, int]]:
+  """'path@N' repeats a file N times in the training text; plain 'path' once."""
+  parsed = []
+  for item in inputs:
+    path, _, repeat = item.rpartition("@") if "@" in item else (item, "", "1")
+    if not repeat.isdigit() or int(repeat) < 1:
+      raise ValueError(f"--input {item!r}: the repeat count after '@' must be a positive integer")
+    if not os.path.exists(path):
+      raise ValueError(f"--input {path!r} does not exist")
+    parsed.append((path, int(repeat)))
+  return parsed
+
+
+def train_sentencepiece(inputs: Sequence[str], vocab_size: int, out_path: str | os.PathLike, *,
+                        model_type: str = "bpe", character_coverage: float = 0.9995,
+                        num_threads: int = 2) -> pathlib.Path:
+  """Trains a SentencePiece model with GLM's specials as user-defined symbols.
+
+  pad=0, eos=1, unk=2, no bos (GLM starts pieces with <sop>), then the
+  specials in SPECIAL_TOKENS order from id 3. Identity normalization, no
+  whitespace collapsing and byte fallback make encoding lossless; digits are
+  split and every printable ASCII character is kept as a piece.
+  """
+  if vocab_size < len(SPECIAL_TOKENS) + 3 + 256 + 16:
+    raise ValueError(f"vocab_size={vocab_size} is too small: it needs room for the 256 byte "
+                     f"pieces and {len(SPECIAL_TOKENS) + 3} specials; use at least 512")
+  weighted = parse_weighted_inputs(inputs)
+
+  def sentences() -> Iterable[str]:
+    for path, repeat in weighted:
+      for _ in range(repeat):
+        yield from read_training_text(path)
+
+  out_path = pathlib.Path(out_path)
+  out_path.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    prefix = os.path.join(tmp, "spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences()), model_prefix=prefix, vocab_size=vocab_size,
+        model_type=model_type, character_coverage=character_coverage, byte_fallback=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
+        user_defined_symbols=list(SPECIAL_TOKENS), required_chars=REQUIRED_CHARS,
+        num_threads=num_threads,
+        max_sentence_length=16384, shuffle_input_sentence=False, minloglevel=2)
+    out_path.write_bytes(pathlib.Path(prefix + ".model").read_bytes())
+  return out_path
+
+
+def add_special_tokens(model_file: str | os.PathLike, out_file: str | os.PathLike) -> list[str]:
+  """Appends the GLM special tokens a SentencePiece model lacks; returns those added."""
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(pathlib.Path(model_file).read_bytes())
+  existing = {p.piece for p in proto.pieces}
+  added = [t for t in SPECIAL_TOKENS if t not in existing]
+  for token in added:
+    proto.pieces.add(piece=token, score=0.0,
+                     type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+  pathlib.Path(out_file).write_bytes(proto.SerializeToString())
+  return added
