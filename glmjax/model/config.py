@@ -162,14 +162,15 @@ def validate(config: ModelConfig) -> None:
   _require(config.norm_eps > 0, "norm_eps", f"must be > 0, got {config.norm_eps}")
   _require(0.0 < config.rotary_fraction <= 1.0, "rotary_fraction",
            f"must be in (0, 1], got {config.rotary_fraction}")
-  if config.position in ("rope", "rope_2d"):
-    _require(config.rotary_dim % 2 == 0 and config.rotary_dim > 0, "rotary_fraction",
-             f"rotary dim {config.rotary_dim} (head_dim={config.head_dim} x rotary_fraction="
-             f"{config.rotary_fraction}) must be a positive even number; pick an even head_dim")
   if config.position == "rope_2d":
     _require(config.head_dim % 4 == 0, "head_dim",
              f"rope_2d splits each head in two rotated halves, so head_dim={config.head_dim} "
              "must be a multiple of 4")
+  elif config.position == "rope":
+    field = "head_dim" if config.rotary_fraction == 1.0 else "rotary_fraction"
+    _require(config.rotary_dim % 2 == 0 and config.rotary_dim > 0, field,
+             f"rotary dim {config.rotary_dim} (head_dim={config.head_dim} x rotary_fraction="
+             f"{config.rotary_fraction}) must be a positive even number")
   if config.position == "sinusoidal":
     _require(config.d_model % 2 == 0, "d_model", "sinusoidal positions need an even d_model")
   if config.num_experts:

@@ -15,15 +15,21 @@ import jax.numpy as jnp
 F32 = jnp.float32
 
 
+def bcast(w, ndim: int):
+  """Prepends unit axes so `w` broadcasts against an array of rank `ndim`
+  (tests run with jax_numpy_rank_promotion="raise")."""
+  return w.reshape((1,) * (ndim - w.ndim) + w.shape)
+
+
 # --- Normalisation (always computed in float32) -----------------------------------------------
 
 def layer_norm(x, scale, bias=None, eps=1e-5):
   x32 = x.astype(F32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(F32)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps) * bcast(scale.astype(F32), x.ndim)
   if bias is not None:
-    y = y + bias.astype(F32)
+    y = y + bcast(bias.astype(F32), x.ndim)
   return y.astype(x.dtype)
 
 
@@ -31,7 +37,7 @@ def rms_norm(x, scale, eps=1e-6):
   """Zhang & Sennrich 2019: x / sqrt(mean(x^2) + eps) * scale, no centring, no shift."""
   x32 = x.astype(F32)
   y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-  return (y * scale.astype(F32)).astype(x.dtype)
+  return (y * bcast(scale.astype(F32), x.ndim)).astype(x.dtype)
 
 
 def apply_norm(kind: str, params: dict, x, eps: float):
@@ -59,7 +65,7 @@ def rope_inv_freq(rotary_dim: int, theta: float):
 
 def rope_angles(positions_BL, rotary_dim: int, theta: float):
   """Float32 angles [B, L, rotary_dim/2]; positions stay exact in f32 up to 2^24."""
-  return positions_BL.astype(F32)[..., None] * rope_inv_freq(rotary_dim, theta)
+  return positions_BL.astype(F32)[..., None] * bcast(rope_inv_freq(rotary_dim, theta), positions_BL.ndim + 1)
 
 
 def apply_rope(x_BLHD, angles_BLR, layout: str):
@@ -94,7 +100,7 @@ def apply_rope_2d(x_BLHD, angles_pos, angles_block):
 def sinusoidal_embedding(positions_BL, d_model: int):
   """Vaswani et al. 2017: PE[p, 2i] = sin(p / 10000^(2i/d)), PE[p, 2i+1] = cos(...)."""
   inv = 1.0 / (10000.0 ** (jnp.arange(0, d_model, 2, dtype=F32) / d_model))
-  angles = positions_BL.astype(F32)[..., None] * inv
+  angles = positions_BL.astype(F32)[..., None] * bcast(inv, positions_BL.ndim + 1)
   return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions_BL.shape, d_model)
 
 
@@ -130,17 +136,17 @@ def dense_ffn(p: dict, x_BLD, activation: str, gated: bool, dtype):
   act = ACTIVATIONS[activation]
   up = jnp.einsum("bld,df->blf", x_BLD, p["w_up"].astype(dtype))
   if "b_up" in p:
-    up = up + p["b_up"].astype(dtype)
+    up = up + bcast(p["b_up"].astype(dtype), 3)
   if gated:
     gate = jnp.einsum("bld,df->blf", x_BLD, p["w_gate"].astype(dtype))
     if "b_gate" in p:
-      gate = gate + p["b_gate"].astype(dtype)
+      gate = gate + bcast(p["b_gate"].astype(dtype), 3)
     hidden = act(gate) * up
   else:
     hidden = act(up)
   out = jnp.einsum("blf,fd->bld", hidden, p["w_down"].astype(dtype))
   if "b_down" in p:
-    out = out + p["b_down"].astype(dtype)
+    out = out + bcast(p["b_down"].astype(dtype), 3)
   return out
 
 

@@ -113,9 +113,9 @@ def project_qkv(p: dict, x_BLD, config: ModelConfig):
   k = jnp.einsum("bld,dhk->blhk", x_BLD, p["wk"].astype(dtype))
   v = jnp.einsum("bld,dhk->blhk", x_BLD, p["wv"].astype(dtype))
   if "bq" in p:
-    q = q + p["bq"].astype(dtype)
-    k = k + p["bk"].astype(dtype)
-    v = v + p["bv"].astype(dtype)
+    q = q + layers.bcast(p["bq"].astype(dtype), 4)
+    k = k + layers.bcast(p["bk"].astype(dtype), 4)
+    v = v + layers.bcast(p["bv"].astype(dtype), 4)
   return q, k, v
 
 
@@ -133,7 +133,7 @@ def encode_positions(q, k, ctx: PositionContext, config: ModelConfig):
 def project_out(p: dict, o_BLHD, config: ModelConfig):
   out = jnp.einsum("blhk,hkd->bld", o_BLHD, p["wo"].astype(o_BLHD.dtype))
   if "bo" in p:
-    out = out + p["bo"].astype(o_BLHD.dtype)
+    out = out + layers.bcast(p["bo"].astype(o_BLHD.dtype), 3)
   return out
 
 
@@ -157,8 +157,11 @@ def mlp_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
 
 # --- Block ------------------------------------------------------------------------------------
 
-def block(layer: dict, x, ctx: PositionContext, config: ModelConfig):
+def block(layer: dict, x, ctx: PositionContext, config: ModelConfig, attn=None):
   """One transformer layer under the configured norm placement. Returns (x, aux_loss).
+
+  `attn(p, h) -> out` replaces the attention sublayer when given (the KV-cache
+  decoder in glmjax.model.decode passes one that reads and writes its cache).
 
   pre:      x + f(N(x))                       (GPT-2, LLaMA)
   post:     N(x + f(x))                       (original Transformer)
@@ -168,7 +171,7 @@ def block(layer: dict, x, ctx: PositionContext, config: ModelConfig):
   parallel: x + attn(N(x)) + mlp(N(x))        (PaLM; GPT-NeoX with a second norm)
   """
   norm = functools.partial(layers.apply_norm, config.norm, eps=config.norm_eps)
-  attn = functools.partial(attention_sublayer, ctx=ctx, config=config)
+  attn = attn or functools.partial(attention_sublayer, ctx=ctx, config=config)
   mlp = functools.partial(mlp_sublayer, ctx=ctx, config=config)
   placement = config.norm_placement
   if config.parallel_block:
@@ -228,7 +231,7 @@ def logits_from_hidden(params: dict, x_BLD, config: ModelConfig):
     kernel = params["lm_head"]["kernel"].astype(x_BLD.dtype)
   logits = jnp.einsum("bld,dv->blv", x_BLD, kernel, preferred_element_type=jnp.float32)
   if config.lm_head_bias:
-    logits = logits + params["lm_head"]["bias"].astype(jnp.float32)
+    logits = logits + layers.bcast(params["lm_head"]["bias"].astype(jnp.float32), 3)
   return logits.astype(jnp.float32)
 
 
