@@ -2,34 +2,56 @@
 
 `attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="auto")`
 with q [b, l, heads, d] and k/v [b, l, kv_heads, d].
+
+impl: "xla" the reference (materialises scores, O(L^2) memory); "pallas" the
+tiled flash kernels of glmjax.pallas.flash (O(L) memory; Mosaic on TPU, Triton
+on GPU, interpret mode on CPU); "auto" pallas on TPU and GPU, xla on CPU.
+`decode_attention` serves a few new queries against a KV cache.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
-from glmjax.pallas.reference import alibi_bias, attention_mask, attention_reference
+from glmjax.pallas.decode import decode_attention, segment_ids_from_lengths
+from glmjax.pallas.reference import alibi_bias, attention_mask, attention_reference, masked_attention
 
 IMPLS = ("auto", "xla", "pallas")
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """The implementation `impl` means on `platform` (default: jax's default backend)."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
   if impl == "auto":
-    return "xla" if jax.default_backend() == "cpu" else "pallas"
+    return "xla" if (platform or jax.default_backend()) == "cpu" else "pallas"
   return impl
 
 
 def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="auto", **kernel_options):
-  """Masked attention under the packing + GLM rule; see glmjax.pallas.reference."""
-  impl = resolve_impl(impl)
-  if impl == "xla":
-    return attention_reference(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
-                               alibi_slopes=alibi_slopes)
-  from glmjax.pallas import flash  # pylint: disable=import-outside-toplevel
-  return flash.flash_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
-                               alibi_slopes=alibi_slopes, **kernel_options)
+  """Masked attention under the packing + GLM rule; see glmjax.pallas.reference.
+
+  `kernel_options` go to glmjax.pallas.flash.flash_attention for impl="pallas"
+  (block_q, block_k, backend, interpret, scale); only `scale` changes the result.
+  impl="auto" is decided per lowering platform, so exporting for TPU or GPU
+  from a CPU host gets the kernel.
+  """
+  def run(impl, q, k, v, segment_ids, bidirectional, alibi_slopes):
+    if impl == "xla":
+      return attention_reference(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
+                                 alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"))
+    from glmjax.pallas import flash  # pylint: disable=import-outside-toplevel
+    return flash.flash_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
+                                 alibi_slopes=alibi_slopes, **kernel_options)
+
+  args = (q, k, v, segment_ids, bidirectional, alibi_slopes)
+  if resolve_impl(impl) == impl:
+    return run(impl, *args)
+  return jax.lax.platform_dependent(*args, cpu=functools.partial(run, "xla"),
+                                    default=functools.partial(run, "pallas"))
 
 
-__all__ = ["attention", "attention_reference", "attention_mask", "alibi_bias", "resolve_impl", "IMPLS"]
+__all__ = ["attention", "attention_reference", "attention_mask", "alibi_bias", "decode_attention",
+           "masked_attention", "resolve_impl", "segment_ids_from_lengths", "IMPLS"]

@@ -39,28 +39,26 @@ def alibi_bias(alibi_slopes, length):
   return jnp.asarray(alibi_slopes, jnp.float32)[:, None, None] * rel[None]
 
 
-def attention_reference(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, scale=None):
-  """Masked softmax attention, float32 softmax, GQA by grouping query heads.
+def masked_attention(q, k, v, *, mask, bias=None, scale=None):
+  """Softmax attention under an explicit boolean mask, float32 softmax, GQA by grouping.
 
-  Shapes: q [b, lq, heads, d], k/v [b, lk, kv_heads, d], segment_ids and
-  bidirectional [b, l] (lq == lk == l). Returns [b, lq, heads, d] in q.dtype.
-  Rows with no visible key (padding) return zeros.
+  Shapes: q [b, lq, heads, d], k/v [b, lk, kv_heads, d], mask [b, lq, lk],
+  bias broadcastable to [b, heads, lq, lk] (float32). Rows with no visible
+  key return zeros. Returns [b, lq, heads, d] in q.dtype.
   """
-  batch, length, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
+  batch, q_length, num_heads, head_dim = q.shape
+  k_length, num_kv_heads = k.shape[1], k.shape[2]
   if num_heads % num_kv_heads:
     raise ValueError(f"{num_heads=} must be a multiple of {num_kv_heads=}")
-  if k.shape[1] != length:
-    raise ValueError(f"attention_reference needs lq == lk, got {q.shape=} {k.shape=}")
   group = num_heads // num_kv_heads
   scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-  q_BLKGD = q.reshape(batch, length, num_kv_heads, group, head_dim)
+  q_BLKGD = q.reshape(batch, q_length, num_kv_heads, group, head_dim)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", q_BLKGD, k, preferred_element_type=jnp.float32)
   scores = scores.astype(jnp.float32) * scale
-  if alibi_slopes is not None:
-    bias = alibi_bias(alibi_slopes, length).reshape(num_kv_heads, group, length, length)
-    scores = scores + bias[None]
-  mask = attention_mask(segment_ids, bidirectional)[:, None, None]  # [b,1,1,q,s]
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, (bias.shape[0], num_heads, q_length, k_length))
+    scores = scores + bias.reshape(bias.shape[0], num_kv_heads, group, q_length, k_length)
+  mask = mask[:, None, None]  # [b,1,1,q,s]
   scores = jnp.where(mask, scores, -jnp.inf)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -68,4 +66,19 @@ def attention_reference(q, k, v, *, segment_ids, bidirectional, alibi_slopes=Non
   denom = jnp.sum(unnorm, axis=-1, keepdims=True)
   probs = unnorm / jnp.where(denom == 0, 1.0, denom)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.reshape(batch, length, num_heads, head_dim).astype(q.dtype)
+  return out.reshape(batch, q_length, num_heads, head_dim).astype(q.dtype)
+
+
+def attention_reference(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, scale=None):
+  """Masked softmax attention, float32 softmax, GQA by grouping query heads.
+
+  Shapes: q [b, lq, heads, d], k/v [b, lk, kv_heads, d], segment_ids and
+  bidirectional [b, l] (lq == lk == l). Returns [b, lq, heads, d] in q.dtype.
+  Rows with no visible key (padding) return zeros.
+  """
+  length = q.shape[1]
+  if k.shape[1] != length:
+    raise ValueError(f"attention_reference needs lq == lk, got {q.shape=} {k.shape=}")
+  bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, length)[None]
+  return masked_attention(q, k, v, mask=attention_mask(segment_ids, bidirectional), bias=bias,
+                          scale=scale)
