@@ -1,0 +1,205 @@
+"""`from_huggingface`: a local HuggingFace folder -> (glmjax params, ModelConfig).
+
+Reads every class `to_huggingface` writes (LLaMA, GLM / GLM-4, Cohere,
+GPT-NeoX, GPT-2, BLOOM and the glmjax torch reference model). A folder written
+by glmjax carries its exact ModelConfig in config.json ("glmjax_config"), so
+import(export(params)) == params bit for bit; other folders get the
+ModelConfig the transformers config describes. Tensors are read lazily from
+memory-mapped safetensors, one at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Optional
+
+import numpy as np
+
+from glmjax.export import safetensors_io, targets
+from glmjax.model import ModelConfig, is_spec, param_specs
+
+log = logging.getLogger(__name__)
+
+# Buffers some checkpoints carry that are not parameters.
+IGNORED_TENSORS = (r".*\.attn\.bias$", r".*\.attn\.masked_bias$", r".*rotary_emb\.inv_freq$",
+                   r".*attention\.bias$", r".*attention\.masked_bias$")
+
+
+def read_config_json(hf_dir: str) -> dict:
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{hf_dir} has no config.json; pass a folder written by save_pretrained "
+                            "or glmjax export")
+  with open(path) as f:
+    return json.load(f)
+
+
+def target_for(raw: dict) -> targets.Target:
+  model_type = raw.get("model_type")
+  if model_type not in targets.MODEL_TYPES:
+    raise ValueError(f"config.json model_type={model_type!r} is not importable; supported: "
+                     f"{sorted(targets.MODEL_TYPES)}")
+  return targets.TARGETS[targets.MODEL_TYPES[model_type]]
+
+
+def stored_config(raw: dict) -> Optional[ModelConfig]:
+  """The ModelConfig glmjax export stored in config.json, if any."""
+  values = raw.get(targets.CONFIG_KEY)
+  if values is None:
+    return None
+  names = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    log.warning("config.json %s has fields this glmjax does not know: %s (ignored)",
+                targets.CONFIG_KEY, unknown)
+  return ModelConfig(**{k: v for k, v in values.items() if k in names})
+
+
+def _matches(expected, actual) -> bool:
+  if isinstance(expected, dict):
+    return isinstance(actual, dict) and all(_matches(v, actual.get(k)) for k, v in expected.items())
+  if isinstance(expected, float) or isinstance(actual, float):
+    return actual is not None and float(expected) == float(actual)
+  return expected == actual
+
+
+def stale_fields(config: ModelConfig, target: targets.Target, raw: dict) -> list[str]:
+  """config.json keys edited since export (the stored ModelConfig no longer describes them)."""
+  return [key for key, value in target.hf_config(config).items() if not _matches(value, raw.get(key))]
+
+
+def native_config(hf_dir: str, target: targets.Target) -> ModelConfig:
+  try:
+    import transformers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("importing a HuggingFace checkpoint needs transformers: "
+                      "pip install 'glmjax[torch]'") from e
+  return target.model_config(transformers.AutoConfig.from_pretrained(hf_dir))
+
+
+def assemble(reader: safetensors_io.SafetensorsReader, config: ModelConfig,
+             target: targets.Target) -> dict:
+  """Fills every glmjax leaf from the checkpoint tensors; a slot written twice must agree."""
+  import jax  # pylint: disable=import-outside-toplevel
+  specs = {tuple(k.key for k in path): spec for path, spec in
+           jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_spec)[0]}
+  arrays = {path: None for path in specs}
+  filled = {path: set() for path in specs}
+  maps = target.tensors(config)
+  used = set()
+  for tmap in maps:
+    if tmap.name not in reader:
+      raise targets.WeightMismatch(f"{reader.directory} has no tensor {tmap.name!r}, which "
+                                   f"{target.architecture} with this config needs")
+    tensor = reader.get(tmap.name)
+    if tuple(tensor.shape) != tuple(tmap.shape):
+      raise targets.WeightMismatch(f"{tmap.name} has shape {tuple(tensor.shape)}, the config implies "
+                                   f"{tuple(tmap.shape)}")
+    used.add(tmap.name)
+    for path, value in tmap.from_hf(tensor).items():
+      spec = specs[path]
+      if arrays[path] is None:
+        arrays[path] = np.empty(spec.shape, value.dtype)
+      slot = tmap.layer if tmap.layer is not None else ()
+      target_slice = arrays[path][slot]
+      if np.shape(value) != np.shape(target_slice):
+        raise AssertionError(f"{tmap.name} -> {'/'.join(path)}: {np.shape(value)} vs "
+                             f"{np.shape(target_slice)}")
+      key = tmap.layer if tmap.layer is not None else "all"
+      if key in filled[path]:
+        if not np.array_equal(arrays[path][slot], value):
+          raise targets.WeightMismatch(f"{tmap.name} differs from another tensor that holds "
+                                       f"params[{'/'.join(path)}] (the config says they are one "
+                                       "parameter)")
+        continue
+      arrays[path][slot] = value
+      filled[path].add(key)
+  for path, spec in specs.items():
+    expected = {"all"} if spec.axes[:1] != ("layers",) else set(range(config.num_layers))
+    if filled[path] != expected:
+      raise AssertionError(f"params[{'/'.join(path)}] not fully written by the {target.name} table")
+  unexpected = [n for n in reader.names() if n not in used
+                and not any(re.fullmatch(p, n) for p in IGNORED_TENSORS)]
+  if config.tie_embeddings:
+    unexpected = [n for n in unexpected if not _is_tied_copy(reader, n, arrays)]
+  if unexpected:
+    raise targets.WeightMismatch(f"{reader.directory} has tensors the config does not use: "
+                                 f"{unexpected[:8]}")
+  return _nest({path: arrays[path].astype(np.dtype(_np_name(config.param_dtype)), copy=False)
+                for path in specs})
+
+
+def _is_tied_copy(reader, name: str, arrays: dict) -> bool:
+  """A tied checkpoint may still store the output projection; it must equal the embedding."""
+  if not name.endswith(("lm_head.weight", "embed_out.weight")):
+    return False
+  return np.array_equal(reader.get(name), arrays[("embed", "embedding")])
+
+
+def _np_name(dtype: str):
+  return targets._np_dtype(dtype)  # pylint: disable=protected-access
+
+
+def _nest(flat: dict) -> dict:
+  tree = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def from_huggingface(hf_dir: str, *, param_dtype: Optional[str] = None,
+                     use_stored_config: bool = True) -> tuple[dict, ModelConfig]:
+  """(params as nested numpy arrays, ModelConfig) of a local HuggingFace folder (contract).
+
+  param_dtype: cast the params (and set ModelConfig.param_dtype), e.g. "float32" to continue
+    training a bfloat16 checkpoint with float32 master weights. Default: as stored.
+  use_stored_config: prefer the exact ModelConfig a glmjax export stored in config.json.
+  """
+  raw = read_config_json(hf_dir)
+  target = target_for(raw)
+  reader = safetensors_io.SafetensorsReader(hf_dir)
+  config = stored_config(raw) if use_stored_config or target is targets.REFERENCE else None
+  if target is targets.REFERENCE and config is None:
+    raise ValueError(f"{hf_dir}/config.json has model_type 'glmjax' but no {targets.CONFIG_KEY}")
+  if config is not None and target is not targets.REFERENCE:
+    stale = stale_fields(config, target, raw)
+    if stale:
+      log.warning("config.json fields %s changed since glmjax export; importing as a plain %s model",
+                  stale, target.architecture)
+      config = None
+  params = None
+  if config is not None:
+    try:
+      params = assemble(reader, config, target)
+    except targets.WeightMismatch as e:
+      if target is targets.REFERENCE:
+        raise
+      log.warning("weights no longer match the stored glmjax config (%s); importing as a plain %s "
+                  "model", e, target.architecture)
+      config = None
+  if config is None:
+    config = _with_dtype(native_config(hf_dir, target), raw)
+    params = assemble(reader, config, target)
+  if param_dtype is not None:
+    config = dataclasses.replace(config, param_dtype=param_dtype)
+    params = _cast(params, param_dtype)
+  return params, config
+
+
+def _with_dtype(config: ModelConfig, raw: dict) -> ModelConfig:
+  """Params keep the dtype they are stored in."""
+  stored = raw.get("dtype") or raw.get("torch_dtype") or "float32"
+  if stored not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"config.json dtype={stored!r} is not float32, bfloat16 or float16")
+  return dataclasses.replace(config, param_dtype=stored)
+
+
+def _cast(tree: dict, dtype: str) -> dict:
+  return {k: _cast(v, dtype) if isinstance(v, dict) else v.astype(_np_name(dtype)) for k, v in tree.items()}
