@@ -1,0 +1,83 @@
+"""Device mesh from config: axes `data`, `fsdp`, `tensor`, `expert` (DESIGN.md section 4).
+
+    mesh = make_mesh(MeshConfig(data=-1, tensor=2))   # -1 fills the remaining devices
+
+`data` replicates params and splits the batch; `fsdp` splits the batch and
+shards params/optimizer state along `embed` (ZeRO-3 style); `tensor` shards
+heads / mlp / vocab (Megatron style); `expert` shards MoE experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
+
+# Logical axis name -> mesh axis (or axes), in order of precedence. A mesh axis
+# is used at most once per array (the first rule that claims it wins), so for
+# an activation [batch, length, embed] `batch` takes `fsdp` and `embed` stays whole.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("experts", "expert"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh axis sizes (one may be -1: all remaining devices) and the logical-axis rules."""
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  expert: int = 1
+  rules: tuple = DEFAULT_RULES
+
+  def axis_sizes(self) -> dict:
+    return {name: getattr(self, name) for name in MESH_AXES}
+
+
+def resolve_axis_sizes(config: MeshConfig, num_devices: int) -> dict:
+  """Axis sizes with the -1 filled in; ValueError naming the field and the fix otherwise."""
+  sizes = config.axis_sizes()
+  for name, size in sizes.items():
+    if not isinstance(size, int) or (size < 1 and size != -1):
+      raise ValueError(f"MeshConfig.{name}={size!r}: each mesh axis size must be a positive int "
+                       "or -1 (fill the remaining devices)")
+  fill = [name for name, size in sizes.items() if size == -1]
+  if len(fill) > 1:
+    raise ValueError(f"MeshConfig: at most one axis may be -1, got {', '.join(fill)} = -1; "
+                     "give all but one of them an explicit size")
+  fixed = math.prod(size for size in sizes.values() if size != -1)
+  described = " x ".join(f"{name}={size}" for name, size in sizes.items())
+  if fill:
+    if num_devices % fixed:
+      raise ValueError(f"MeshConfig ({described}): the fixed axes multiply to {fixed}, which does not "
+                       f"divide the {num_devices} devices; pick sizes whose product divides {num_devices}")
+    sizes[fill[0]] = num_devices // fixed
+  elif fixed != num_devices:
+    raise ValueError(f"MeshConfig ({described}): the axes multiply to {fixed} but there are "
+                     f"{num_devices} devices; make the product {num_devices} or set one axis to -1")
+  return sizes
+
+
+def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  """A `Mesh` with axes MESH_AXES (Auto axis types: XLA propagates shardings between constraints)."""
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_axis_sizes(config, len(devices))
+  shape = tuple(sizes[name] for name in MESH_AXES)
+  try:
+    device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):
+    # Topology-aware placement is optional; on hosts it cannot model keep process order.
+    device_array = np.asarray(devices, dtype=object).reshape(shape)
+  return jax.sharding.Mesh(device_array, MESH_AXES)

@@ -1,0 +1,238 @@
+"""Host batches for the trainer: seqio tasks (or any iterable of batch dicts) with a resumable position.
+
+Data layout is fixed by `DataConfig.num_shards` S, not by the number of
+processes P: the global batch of B rows is the concatenation, in shard order,
+of B/S rows from each of S seqio shards (`seqio.ShardInfo(s, S)`), and process
+p reads shards [p*S/P, (p+1)*S/P). So a 2-process run and a 1-process run with
+the same S see the same global batches, and a run may resume on a different
+number of hosts.
+
+Resume is exact by replay: the checkpoint stores how many batches were
+consumed; on restore the (deterministic, seeded) pipeline is rebuilt and that
+many batches are skipped with `tf.data.Dataset.skip`, before any Python
+conversion.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "block_positions",
+              "bidirectional")
+FLOAT_KEYS = frozenset({"loss_mask"})
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  mixture: str = "glmjax_blank_infilling_default"  # seqio task or mixture name
+  sequence_length: int = 128
+  batch_size: int = 8  # global rows per step
+  pack: bool = True
+  shuffle: bool = True
+  seed: int = 0
+  train_split: str = "train"
+  num_shards: int = 0  # 0: one shard per process
+  eval_mixture: Optional[str] = None  # None: `mixture`
+  eval_split: str = "validation"
+  eval_batches: int = 4
+  modules: tuple = ()  # Python modules to import first (they register user tasks)
+
+
+def import_task_modules(config: DataConfig) -> None:
+  """Imports glmjax.tasks (registers the shipped tasks) and the user's task modules."""
+  for name in ("glmjax.tasks",) + tuple(config.modules):
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"DataConfig.modules: cannot import {name!r} ({e}); "
+                       "give an importable module that registers your seqio tasks") from e
+
+
+def resolve_num_shards(config: DataConfig, process_count: int) -> int:
+  shards = config.num_shards or process_count
+  if shards % process_count:
+    raise ValueError(f"DataConfig.num_shards={shards} must be a multiple of the {process_count} "
+                     "processes (each process reads the same number of shards)")
+  if config.batch_size % shards:
+    raise ValueError(f"DataConfig.batch_size={config.batch_size} must be a multiple of the "
+                     f"{shards} data shards (DataConfig.num_shards)")
+  return shards
+
+
+def to_host_batch(example: dict) -> dict:
+  """Contract dtypes: int32 everywhere but loss_mask (float32); zero block_positions /
+  bidirectional when the source has none (plain causal LM)."""
+  missing = [k for k in ("tokens", "targets", "loss_mask") if k not in example]
+  if missing:
+    raise ValueError(f"batch misses {missing}; it has {sorted(example)} (DESIGN.md section 2 contract)")
+  shape = np.shape(example["tokens"])
+  out = {}
+  for key in BATCH_KEYS:
+    if key in example:
+      out[key] = np.asarray(example[key], np.float32 if key in FLOAT_KEYS else np.int32)
+    elif key == "segment_ids":
+      out[key] = np.ones(shape, np.int32)
+    elif key == "positions":
+      out[key] = np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape).copy()
+    else:
+      out[key] = np.zeros(shape, np.int32)
+  return out
+
+
+class ResumableStream:
+  """Iterator of host batches whose position (batches consumed) is its checkpointable state.
+
+  `open_at(n)` returns an iterator that starts after the first n batches;
+  rebuilding it from the same deterministic source makes resume exact.
+  """
+
+  def __init__(self, open_at: Callable[[int], Iterator[dict]], position: int = 0,
+               layout: Optional[dict] = None):
+    self._open_at = open_at
+    self.position = position
+    self.layout = dict(layout or {})
+    self._it = open_at(position)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    batch = to_host_batch(next(self._it))
+    self.position += 1
+    return batch
+
+  def state(self) -> dict:
+    return {"batches": self.position, **self.layout}
+
+  def restore(self, state: dict) -> None:
+    for key, value in self.layout.items():
+      if key in state and state[key] != value:
+        raise ValueError(f"checkpointed data layout {key}={state[key]!r} differs from this run's "
+                         f"{value!r}; resume with the same DataConfig (num_shards, batch_size, mixture)")
+    self.position = int(state["batches"])
+    self._it = self._open_at(self.position)
+
+
+def from_iterable(make_iterable: Callable[[], Iterable[dict]], layout: Optional[dict] = None) -> ResumableStream:
+  """Any deterministic iterable of batch dicts; resume replays it and drops the consumed batches."""
+  return ResumableStream(lambda skip: itertools.islice(iter(make_iterable()), skip, None), layout=layout)
+
+
+def from_tf_dataset(make_dataset: Callable[[], Any], layout: Optional[dict] = None) -> ResumableStream:
+  """A (deterministic) tf.data.Dataset of batches; resume skips inside the tf.data graph."""
+  return ResumableStream(lambda skip: make_dataset().skip(skip).as_numpy_iterator(), layout=layout)
+
+
+# --- seqio ----------------------------------------------------------------------------------
+
+def _contract_from_decoder_features(ex: dict, pack: bool) -> dict:
+  """seqio.DecoderFeatureConverter output -> batch contract (causal LM, no Part A)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  targets = ex["decoder_target_tokens"]
+  if pack:
+    segment_ids, positions = ex["decoder_segment_ids"], ex["decoder_positions"]
+  else:
+    segment_ids = tf.cast(targets != 0, tf.int32)
+    positions = tf.broadcast_to(tf.range(tf.shape(targets)[-1], dtype=tf.int32), tf.shape(targets))
+  zeros = tf.zeros_like(targets, tf.int32)
+  return {"tokens": ex["decoder_input_tokens"], "targets": targets,
+          "loss_mask": tf.cast(ex["decoder_loss_weights"], tf.float32),
+          "segment_ids": segment_ids, "positions": positions, "block_positions": zeros,
+          "bidirectional": zeros}
+
+
+def _causal_lm_dataset(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
+                       seed: int, shard_info, pack: bool, num_epochs: Optional[int]):
+  """A seqio task/mixture with a `targets` feature as packed causal LM (seqio's decoder converter)."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  lengths = {"targets": sequence_length}
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+      sequence_length=lengths, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+      num_epochs=num_epochs)
+  ds = seqio.DecoderFeatureConverter(pack=pack)(ds, lengths)
+  ds = ds.map(lambda ex: _contract_from_decoder_features(ex, pack), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def _feature_keys(name: str) -> set:
+  import seqio  # pylint: disable=import-outside-toplevel
+  return set(seqio.get_mixture_or_task(name).output_features)
+
+
+def seqio_batches(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
+                  seed: int, shard_info, pack: bool, num_epochs: Optional[int]):
+  """tf.data.Dataset of contract batches from a registered seqio task or mixture.
+
+  Tasks with an `inputs` feature (GLM blank infilling, Flan) go through
+  `glmjax.tasks.get_dataset` (GLMFeatureConverter); tasks with only `targets`
+  are plain causal LM.
+  """
+  import seqio  # pylint: disable=import-outside-toplevel
+  if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+    raise ValueError(f"DataConfig.mixture={name!r} is not a registered seqio task or mixture; "
+                     "register it in a module named in DataConfig.modules (glmjax train --module ...)")
+  kwargs = dict(sequence_length=sequence_length, batch_size=batch_size, split=split, shuffle=shuffle,
+                seed=seed, shard_info=shard_info, pack=pack, num_epochs=num_epochs)
+  if _feature_keys(name) == {"targets"}:
+    return _causal_lm_dataset(name, **kwargs)
+  import glmjax.tasks as tasks  # pylint: disable=import-outside-toplevel
+  if not hasattr(tasks, "get_dataset"):
+    raise ValueError(f"task {name!r} has features {sorted(_feature_keys(name))}; it needs "
+                     "glmjax.tasks.get_dataset (the GLM feature converter), which this install lacks")
+  return tasks.get_dataset(name, **kwargs)
+
+
+def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
+                    num_epochs: Optional[int], process_index: int, process_count: int) -> Callable:
+  """() -> tf.data.Dataset of this process's rows: its shards' batches zipped and concatenated."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  shards = resolve_num_shards(config, process_count)
+  per_process = shards // process_count
+  rows = config.batch_size // shards
+  mine = range(process_index * per_process, (process_index + 1) * per_process)
+
+  def make():
+    parts = [seqio_batches(name, sequence_length=config.sequence_length, batch_size=rows, split=split,
+                           shuffle=shuffle, seed=config.seed, pack=config.pack, num_epochs=num_epochs,
+                           shard_info=seqio.ShardInfo(index=s, num_shards=shards) if shards > 1 else None)
+             for s in mine]
+    if len(parts) == 1:
+      return parts[0]
+    return tf.data.Dataset.zip(tuple(parts)).map(
+        lambda *bs: {k: tf.concat([b[k] for b in bs], axis=0) for k in bs[0]})
+  return make
+
+
+def train_stream(config: DataConfig, process_index: int = 0, process_count: int = 1) -> ResumableStream:
+  import_task_modules(config)
+  make = _shard_datasets(config, config.mixture, config.train_split, shuffle=config.shuffle,
+                         num_epochs=None, process_index=process_index, process_count=process_count)
+  layout = {"mixture": config.mixture, "num_shards": resolve_num_shards(config, process_count),
+            "batch_size": config.batch_size, "sequence_length": config.sequence_length,
+            "seed": config.seed}
+  return from_tf_dataset(make, layout=layout)
+
+
+def eval_batches(config: DataConfig, process_index: int = 0, process_count: int = 1) -> list:
+  """The first `eval_batches` batches of the validation split (fixed, unshuffled); all of it when 0."""
+  import_task_modules(config)
+  name = config.eval_mixture or config.mixture
+  make = _shard_datasets(config, name, config.eval_split, shuffle=False, num_epochs=1,
+                         process_index=process_index, process_count=process_count)
+  ds = make()
+  if config.eval_batches:
+    ds = ds.take(config.eval_batches)
+  batches = [to_host_batch(b) for b in ds.as_numpy_iterator()]
+  if not batches:
+    raise ValueError(f"{name!r} split {config.eval_split!r} gives no full batch of "
+                     f"{config.batch_size} rows x {config.sequence_length}; lower DataConfig.batch_size "
+                     "or set TrainerConfig.eval_every=0")
+  return batches

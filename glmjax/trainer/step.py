@@ -1,0 +1,203 @@
+"""The jitted train / eval steps on a device mesh.
+
+`TrainProgram` binds a model, optimizer and mesh: it creates the train state
+already sharded (`jit` with `out_shardings`: params and optimizer state are
+never whole on one host), turns host batches into global arrays, and runs
+
+    state, metrics = program.train_step(state, batch)   # donated state, in/out shardings
+
+Loss: token cross-entropy weighted by `loss_mask`, divided by the number of
+counted tokens in the whole (global) batch, plus `z_loss` * mean(log Z^2) and
+the model's MoE auxiliary loss. With `microbatches` > 1 the batch is split
+into interleaved microbatches whose gradients are summed, each already divided
+by the big batch's token count, so the update equals the big batch's.
+Non-finite loss or gradient norm: the update is skipped (params and optimizer
+state kept) and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from glmjax import sharding as shd
+from glmjax.model import ModelConfig, forward_with_aux, init_params
+from glmjax.model.constraints import constrain
+from glmjax.trainer import loss as loss_lib
+from glmjax.trainer import optim
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  """What the compiled step needs beyond model and optimizer."""
+  microbatches: int = 1
+  z_loss: float = 0.0
+
+
+def new_state(params, opt_state, rng) -> dict:
+  """Train state (a plain dict so checkpoints are plain trees)."""
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": opt_state, "rng": rng,
+          "nonfinite_streak": jnp.zeros((), jnp.int32), "nonfinite_total": jnp.zeros((), jnp.int32)}
+
+
+def split_microbatches(batch: dict, microbatches: int) -> dict:
+  """[B, L] -> [M, B/M, L], microbatch m = rows m, M+m, 2M+m, ...
+
+  Interleaving keeps every microbatch spread over all batch shards: a device
+  holding a contiguous block of rows holds rows of every microbatch.
+  """
+  def split(x):
+    b = x.shape[0]
+    return jnp.swapaxes(x.reshape((b // microbatches, microbatches) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def loss_and_sums(params, batch: dict, model_config: ModelConfig, total_weight, z_loss: float,
+                  aux_scale: float):
+  """(objective, sums): objective = (nll + z * z_sum) / total_weight + aux_scale * moe_aux."""
+  logits, aux = forward_with_aux(params, batch, model_config)
+  sums = loss_lib.token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+  moe = aux["moe_aux_loss"]
+  weight = model_config.router_aux_loss_weight if model_config.num_experts else 0.0
+  objective = (sums["nll_sum"] + z_loss * sums["z_sum"]) / total_weight + weight * aux_scale * moe
+  return objective, {**sums, "moe_aux_sum": moe * aux_scale}
+
+
+def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepConfig):
+  """(grads, sums) of the whole batch, accumulated over microbatches when asked."""
+  total_weight = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+  grad_fn = jax.grad(loss_and_sums, has_aux=True)
+  m = step_config.microbatches
+  if m == 1:
+    return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0)
+
+  def body(acc, microbatch):
+    microbatch = {k: constrain(v, ("batch", "length")) for k, v in microbatch.items()}
+    grads, sums = grad_fn(params, microbatch, model_config, total_weight, step_config.z_loss, 1.0 / m)
+    acc_grads, acc_sums = acc
+    return (jax.tree.map(jnp.add, acc_grads, grads), jax.tree.map(jnp.add, acc_sums, sums)), None
+
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  zero_sums = {k: jnp.zeros((), jnp.float32)
+               for k in ("nll_sum", "z_sum", "correct_sum", "weight_sum", "moe_aux_sum")}
+  (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), split_microbatches(batch, m))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+  return grads, sums
+
+
+def train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer, schedule,
+               step_config: StepConfig):
+  grads, sums = gradients(state["params"], batch, model_config, step_config)
+  weight = jnp.maximum(sums["weight_sum"], 1.0)
+  nll = sums["nll_sum"] / weight
+  z_term = step_config.z_loss * sums["z_sum"] / weight
+  moe_weight = model_config.router_aux_loss_weight if model_config.num_experts else 0.0
+  loss = nll + z_term + moe_weight * sums["moe_aux_sum"]
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
+  new = {"step": state["step"] + 1, "params": keep(params, state["params"]),
+         "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"],
+         "nonfinite_streak": streak,
+         "nonfinite_total": state["nonfinite_total"] + (1 - finite.astype(jnp.int32))}
+  metrics = {"loss": loss, "cross_entropy": nll, "z_loss": z_term, "moe_aux_loss": sums["moe_aux_sum"],
+             "accuracy": sums["correct_sum"] / weight, "grad_norm": grad_norm,
+             "learning_rate": schedule(state["step"]), "loss_tokens": sums["weight_sum"],
+             "finite": finite, "nonfinite_streak": streak}
+  return new, metrics
+
+
+def eval_sums(params, batch: dict, *, model_config: ModelConfig) -> dict:
+  logits = forward_with_aux(params, batch, model_config)[0]
+  return loss_lib.token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+
+
+class TrainProgram:
+  """A model + optimizer compiled for a mesh; see the module docstring."""
+
+  def __init__(self, model_config: ModelConfig, optimizer_config: optim.OptimizerConfig,
+               mesh_config: shd.MeshConfig, *, num_steps: int, global_batch_size: int,
+               step_config: StepConfig = StepConfig(), devices: Optional[Sequence[jax.Device]] = None):
+    self.model_config = model_config
+    self.step_config = step_config
+    self.global_batch_size = global_batch_size
+    self.mesh = shd.make_mesh(mesh_config, devices)
+    self.rules = shd.normalise_rules(mesh_config.rules)
+    self.optimizer, self.schedule = optim.make_optimizer(optimizer_config, num_steps)
+    self._check_batch(global_batch_size, step_config.microbatches)
+
+    rep = shd.replicated(self.mesh)
+    self.param_shardings = shd.param_shardings(model_config, self.mesh, self.rules)
+    self.abstract_params = jax.eval_shape(functools.partial(init_params, model_config),
+                                          jax.random.PRNGKey(0))
+    opt_shardings = shd.opt_state_shardings(self.optimizer, self.abstract_params, self.param_shardings,
+                                            self.mesh)
+    self.state_shardings = {"step": rep, "params": self.param_shardings, "opt_state": opt_shardings,
+                            "rng": rep, "nonfinite_streak": rep, "nonfinite_total": rep}
+    self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
+
+    self._init = jax.jit(self._init_state, static_argnums=(), out_shardings=self.state_shardings)
+    step_fn = functools.partial(train_step, model_config=model_config, optimizer=self.optimizer,
+                                schedule=self.schedule, step_config=step_config)
+    self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+                         out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    self._eval = jax.jit(functools.partial(eval_sums, model_config=model_config),
+                         in_shardings=(self.param_shardings, self.batch_sharding), out_shardings=rep)
+
+  def _check_batch(self, batch_size: int, microbatches: int) -> None:
+    parts = shd.batch_divisor(self.mesh, self.rules)
+    if microbatches < 1:
+      raise ValueError(f"TrainerConfig.microbatches={microbatches} must be >= 1")
+    if batch_size % (parts * microbatches):
+      raise ValueError(
+          f"DataConfig.batch_size={batch_size} must be a multiple of microbatches ({microbatches}) x "
+          f"the {parts} batch shards of the mesh {dict(self.mesh.shape)}; change the batch size, "
+          "TrainerConfig.microbatches or MeshConfig")
+
+  def _init_state(self, rng):
+    params = init_params(self.model_config, rng)
+    return new_state(params, self.optimizer.init(params), rng)
+
+  def sharding_context(self):
+    """Mesh + logical-axis rules active while jit traces (activation constraints bind to them)."""
+    return shd.activation_sharding(self.mesh, self.rules)
+
+  def init_state(self, seed: int) -> dict:
+    with self.sharding_context():
+      return self._init(jax.random.PRNGKey(seed))
+
+  def abstract_state(self) -> dict:
+    """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
+    shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, self.state_shardings)
+
+  def global_batch(self, host_batch: dict) -> dict:
+    """This process's rows -> global arrays sharded over the mesh's batch axes."""
+    return shd.global_batch(host_batch, self.batch_sharding, self.global_batch_size)
+
+  def train_step(self, state: dict, batch: dict):
+    """One update; `batch` is global arrays (see global_batch) or host numpy on a single process."""
+    if jax.process_count() == 1 and isinstance(next(iter(batch.values())), np.ndarray):
+      batch = self.global_batch(batch)
+    with self.sharding_context():
+      return self._step(state, batch)
+
+  def eval_sums(self, params, batch: dict) -> dict:
+    if jax.process_count() == 1 and isinstance(next(iter(batch.values())), np.ndarray):
+      batch = self.global_batch(batch)
+    with self.sharding_context():
+      return self._eval(params, batch)
+
+
+def count_param_bytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
