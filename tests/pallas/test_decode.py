@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import numpy as np
+import jax
 import jax.numpy as jnp
 
-from glmjax.pallas import decode_attention, reference, segment_ids_from_lengths
+from glmjax.pallas import reference, segment_ids_from_lengths
+from glmjax.pallas import decode_attention as _decode_attention
 from tests.pallas import cases
 
 
 def _reference_rows(q_full, k, v, segment_ids, bidirectional, slopes, slots_BQ):
-  out = reference.attention_reference(q_full, k, v, segment_ids=segment_ids,
-                                      bidirectional=bidirectional, alibi_slopes=slopes)
+  out = jax.jit(reference.attention_reference)(q_full, k, v, segment_ids=segment_ids,
+                                               bidirectional=bidirectional, alibi_slopes=slopes)
   return np.take_along_axis(np.asarray(out), np.asarray(slots_BQ)[:, :, None, None], axis=1)
+
+
+decode_attention = jax.jit(_decode_attention)
 
 
 def _queries_in_slots(q_full, slots_BQ):
