@@ -177,11 +177,14 @@ def _feed(params, cache, tokens_B, positions_B, blocks_B, live_B, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options", "step_rule", "return_logits",
-                                               "on_token"))
+                                               "on_token", "feed_last"))
 def sample_continuation(params, cache, chunk, active_B, rng, *, config: ModelConfig,
                         options: GenerationOptions, step_rule=PLAIN_TEXT, return_logits=False,
-                        on_token: Optional[Callable] = None):
+                        on_token: Optional[Callable] = None, feed_last=False):
   """Greedy or sampled continuation of `chunk` (rows with active=False emit nothing).
+
+  With `feed_last`, a row cut at max_new_tokens still feeds its last token to
+  the cache (GLM blank filling: the next span must see the whole of this one).
 
   Returns (tokens [B, N], lengths [B], finished [B], logits [B, N, V] or None, cache).
   The token of step t is drawn with key fold_in(rng, t), so a seed reproduces a run.
@@ -224,7 +227,7 @@ def sample_continuation(params, cache, chunk, active_B, rng, *, config: ModelCon
     if return_logits:
       out["all_logits"] = jax.lax.dynamic_update_slice(s["all_logits"], s["logits"][:, None],
                                                        (0, step, 0))
-    keep_going = (step + 1 < N) & ~jnp.all(now_done)
+    keep_going = ((step + 1 < N) | feed_last) & ~jnp.all(now_done)
     out["logits"], out["cache"] = jax.lax.cond(
         keep_going,
         lambda: _feed(params, s["cache"], token, positions, blocks, ~now_done, config),
@@ -350,7 +353,7 @@ def beam_continuation(params, cache, chunk, active_B, *, config: ModelConfig,
 # --- Entry point on token ids -----------------------------------------------------------------
 
 def continue_chunk(params, config: ModelConfig, cache, chunk: dict, active, options: GenerationOptions,
-                   *, step_rule=PLAIN_TEXT, return_logits=False, on_token=None):
+                   *, step_rule=PLAIN_TEXT, return_logits=False, on_token=None, feed_last=False):
   """Runs one prompt chunk and its continuation with the strategy of `options`.
 
   Returns (GenerationResult, cache). For beam search the cache comes back
@@ -370,7 +373,7 @@ def continue_chunk(params, config: ModelConfig, cache, chunk: dict, active, opti
   rng = jax.random.key(options.seed)
   tokens, lengths, finished, logits, cache = sample_continuation(
       params, cache, chunk, active, rng, config=config, options=options, step_rule=step_rule,
-      return_logits=return_logits, on_token=on_token)
+      return_logits=return_logits, on_token=on_token, feed_last=feed_last)
   result = GenerationResult(np.asarray(tokens), np.asarray(lengths), np.asarray(finished),
                             logits=None if logits is None else np.asarray(logits))
   return result, cache
