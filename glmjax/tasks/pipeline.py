@@ -1,0 +1,109 @@
+"""Task/mixture name -> batched tf.data pipeline of the batch contract, and resumable iterators.
+
+Resuming: checkpoint the tf.data iterator itself (`DatasetIterator.save` /
+`restore`, a tf.train.Checkpoint of the iterator: shuffle buffers, packer
+state and positions, a few MB). Each process saves its own state, e.g.
+`<checkpoint>/data/process_<i>`. The pipeline must be rebuilt with the same
+arguments before restoring. When that state is missing (an old checkpoint,
+or a changed pipeline) the pipeline is still deterministic from its seed,
+so `dataset.skip(step)` reproduces the stream at the cost of recomputing it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from glmjax.tasks.converter import GLMFeatureConverter
+
+
+def _provider(mixture_or_task: Union[str, seqio.Task, seqio.Mixture]):
+  if isinstance(mixture_or_task, (seqio.Task, seqio.Mixture)):
+    return mixture_or_task
+  try:
+    return seqio.get_mixture_or_task(mixture_or_task)
+  except ValueError as e:
+    glmjax_names = sorted(n for n in seqio.TaskRegistry.names() | seqio.MixtureRegistry.names()
+                          if n.startswith("glmjax_"))
+    raise ValueError(f"mixture_or_task_name={mixture_or_task!r} is not registered; import the module "
+                     f"that registers it first (glmjax registers {glmjax_names})") from e
+
+
+def _pad_batch(batch, batch_size):
+  """Pads a final partial batch with empty rows (segment_ids 0, no loss)."""
+  def pad(x):
+    missing = batch_size - tf.shape(x)[0]
+    x = tf.pad(x, [[0, missing], [0, 0]])
+    return tf.ensure_shape(x, [batch_size, x.shape[1]])
+  return {k: pad(v) for k, v in batch.items()}
+
+
+def get_dataset(mixture_or_task_name: Union[str, seqio.Task, seqio.Mixture], *,
+                sequence_length: int,
+                batch_size: int,
+                split: str = "train",
+                shuffle: bool = True,
+                seed: Optional[int] = 0,
+                shard_info: Optional[seqio.ShardInfo] = None,
+                pack: bool = True,
+                num_epochs: Optional[int] = None,
+                bidirectional_inputs: bool = True,
+                positions_1d: bool = False,
+                count_truncated: bool = False) -> tf.data.Dataset:
+  """Batches of the DESIGN.md section 2 contract: dicts of [batch_size, sequence_length] arrays.
+
+  seqio's Task/Mixture get_dataset (seeded shuffles and preprocessors; with
+  `shard_info` this process reads its own shard) -> GLMFeatureConverter
+  (packing, see its options) -> batches. `batch_size` is per process.
+  `num_epochs=None` repeats forever (training); with a finite count the last
+  partial batch is padded with empty rows, so every batch has one shape.
+  Same arguments and seed give the same batches.
+  """
+  if sequence_length < 4:
+    raise ValueError(f"sequence_length={sequence_length} is too short for any GLM example (>= 4)")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  provider = _provider(mixture_or_task_name)
+  if split not in provider.splits:
+    raise ValueError(f"split={split!r} is not a split of {provider.name} (splits: {list(provider.splits)})")
+  lengths = GLMFeatureConverter.task_feature_lengths(sequence_length)
+  ds = provider.get_dataset(lengths, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+                            num_epochs=num_epochs, trim_output_features=False, try_in_mem_cache=False)
+  converter = GLMFeatureConverter(pack=pack, bidirectional_inputs=bidirectional_inputs,
+                                  positions_1d=positions_1d, count_truncated=count_truncated)
+  ds = converter(ds, lengths)
+  if num_epochs is None:
+    ds = ds.batch(batch_size, drop_remainder=True)
+  else:
+    ds = ds.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class DatasetIterator:
+  """Iterator over numpy batch dicts whose position can be saved and restored."""
+
+  def __init__(self, dataset: tf.data.Dataset):
+    self._iterator = iter(dataset)
+    self._checkpoint = tf.train.Checkpoint(iterator=self._iterator)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = next(self._iterator)
+    return {k: v.numpy() for k, v in batch.items()}
+
+  def save(self, path: Union[str, os.PathLike]) -> str:
+    """Writes the iterator state under the prefix `path` (its folder is created)."""
+    os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
+    return self._checkpoint.write(os.fspath(path))
+
+  def restore(self, path: Union[str, os.PathLike]) -> None:
+    """Continues from a state written by `save` for an identically built pipeline."""
+    if not tf.io.gfile.glob(os.fspath(path) + ".index"):
+      raise FileNotFoundError(f"no iterator state at {os.fspath(path)!r} (expected {os.fspath(path)}.index)")
+    self._checkpoint.read(os.fspath(path)).assert_consumed()
