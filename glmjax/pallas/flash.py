@@ -141,7 +141,8 @@ def _flash_fwd(q, k, v, segment_ids, bidirectional, slopes, options):
 
 def _flash_bwd(options, residuals, d_out):
   q, k, v, segment_ids, bidirectional, slopes, out, lse = residuals
-  delta = jnp.einsum("blhd,blhd->bhl", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = jnp.einsum("blhd,blhd->bhl", d_out.astype(out.dtype), out,
+                     preferred_element_type=jnp.float32)
   dq, dk, dv, dslopes = _on_platform(_backward_branch, options, q, k, v, segment_ids, bidirectional,
                                      slopes, d_out.astype(q.dtype), lse, delta)
   return dq, dk, dv, None, None, dslopes
