@@ -26,11 +26,11 @@ when run one token at a time than in a full forward.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
 
+from glmjax import pallas
 from glmjax.model import transformer
 from glmjax.model.config import ModelConfig
 from glmjax.model.constraints import constrain
@@ -88,41 +88,6 @@ def constrain_cache(cache: KVCache) -> KVCache:
                  bidirectional=constrain(cache.bidirectional, SLOT_AXES), index=cache.index)
 
 
-def cached_attention(q_BQHD, k_BSKD, v_BSKD, *, query_slots_Q, query_segment_ids_BQ,
-                     key_segment_ids_BS, key_bidirectional_BS, alibi_slopes=None):
-  """Attention of Q queries (in cache slots `query_slots_Q`) over all S cache slots.
-
-  Same numerics as glmjax.pallas.reference.attention_reference (float32
-  softmax, GQA by grouping query heads, ALiBi bias slope * (j - i) on slot
-  indices, zeros for a query that sees no key).
-  """
-  B, Q, H, D = q_BQHD.shape
-  S, K = k_BSKD.shape[1], k_BSKD.shape[2]
-  G = H // K
-  q_BQKGD = q_BQHD.reshape(B, Q, K, G, D)
-  scores = jnp.einsum("bqkgd,bskd->bkgqs", q_BQKGD, k_BSKD, preferred_element_type=jnp.float32)
-  scores = scores.astype(jnp.float32) * (1.0 / math.sqrt(D))
-  key_slots_S = jnp.arange(S, dtype=jnp.int32)
-  if alibi_slopes is not None:
-    rel_QS = (key_slots_S[None, :] - query_slots_Q[:, None]).astype(jnp.float32)
-    slopes_KG = jnp.asarray(alibi_slopes, jnp.float32).reshape(K, G)
-    scores = scores + (slopes_KG[:, :, None, None] * rel_QS[None, None])[None]
-  same_segment = ((query_segment_ids_BQ[:, :, None] == key_segment_ids_BS[:, None, :])
-                  & (key_segment_ids_BS[:, None, :] != 0))
-  earlier_QS = key_slots_S[None, :] <= query_slots_Q[:, None]
-  visible_BQS = same_segment & (earlier_QS[None] | key_bidirectional_BS.astype(bool)[:, None, :])
-  mask = visible_BQS[:, None, None]
-  scores = jnp.where(mask, scores, -jnp.inf)
-  row_max = jnp.max(scores, axis=-1, keepdims=True)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  unnorm = jnp.where(mask, jnp.exp(scores - row_max), 0.0)
-  denom = jnp.sum(unnorm, axis=-1, keepdims=True)
-  probs = unnorm / jnp.where(denom == 0, 1.0, denom)
-  out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v_BSKD.dtype), v_BSKD,
-                   preferred_element_type=jnp.float32)
-  return out.reshape(B, Q, H, D).astype(q_BQHD.dtype)
-
-
 def _chunk_fields(chunk: dict, config: ModelConfig) -> dict:
   if "tokens" not in chunk or chunk["tokens"].ndim != 2:
     raise ValueError("chunk['tokens'] must be an int32 array [batch, length]; "
@@ -176,10 +141,10 @@ def extend(params: dict, cache: KVCache, chunk: dict, config: ModelConfig, *,
       q, k = transformer.encode_positions(q, k, ctx, config)
       k_all_new = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (li, 0, index, 0, 0))
       v_all_new = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (li, 0, index, 0, 0))
-      o = cached_attention(q, k_all_new[li].astype(q.dtype), v_all_new[li].astype(q.dtype),
-                           query_slots_Q=query_slots_Q, query_segment_ids_BQ=chunk["segment_ids"],
-                           key_segment_ids_BS=segment_ids, key_bidirectional_BS=bidirectional,
-                           alibi_slopes=ctx.alibi_slopes)
+      o = pallas.decode_attention(q, k_all_new[li].astype(q.dtype), v_all_new[li].astype(q.dtype),
+                                  query_slots=query_slots_Q, query_segment_ids=chunk["segment_ids"],
+                                  key_segment_ids=segment_ids, key_bidirectional=bidirectional,
+                                  alibi_slopes=ctx.alibi_slopes)
       written["kv"] = (k_all_new, v_all_new)
       return transformer.project_out(p, o, config)
 
