@@ -11,7 +11,7 @@ The spec is DESIGN.md section 5 (after the GLM reference implementation,
 * sentence level `[sMASK]`: sentences (ending in . ? ! ; : 。？！；： or a
   newline) taken in random order until they cover >= 15% of the tokens.
 * document level `[gMASK]`: one span at the end, its length uniform in
-  [int(0.5 n), n) (the prefix stays as context).
+  [ceil(0.5 n), n) (the prefix stays as context).
 
 Every objective produces one flat GLM example, the per-example form of the
 batch contract (DESIGN.md section 2), all int32 of one length a + b:
@@ -164,11 +164,14 @@ def sentence_spans(tokens, seed, *, end_table, max_spans, mask_ratio=MASK_RATIO)
 
 
 def document_span(n, seed, *, ratio=DOCUMENT_RATIO):
-  """[gMASK] span: the last L tokens, L uniform in [int(lo n), int(hi n)) and >= 1."""
+  """[gMASK] span: the last L tokens, L uniform in [ceil(lo n), ceil(hi n)), at least 1.
+
+  So lo <= L / n < hi, and a prefix of at least one token stays unless n == 1.
+  """
   n = tf.cast(n, tf.int32)
   nf = tf.cast(n, tf.float32)
-  low = tf.maximum(1, tf.cast(tf.floor(ratio[0] * nf), tf.int32))
-  high = tf.maximum(low + 1, tf.cast(tf.floor(ratio[1] * nf), tf.int32))
+  low = tf.maximum(1, tf.cast(tf.math.ceil(ratio[0] * nf), tf.int32))
+  high = tf.maximum(low + 1, tf.cast(tf.math.ceil(ratio[1] * nf), tf.int32))
   length = tf.random.stateless_uniform([], seed, minval=low, maxval=high, dtype=tf.int32)
   length = tf.minimum(length, n)
   return tf.reshape(n - length, [1]), tf.reshape(length, [1])

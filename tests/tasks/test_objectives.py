@@ -1,0 +1,184 @@
+"""GLM blank-infilling invariants on many random and real documents."""
+
+import functools
+import math
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+
+from glmjax.tasks import corpus, objectives, vocab
+from tests.tasks import reference
+
+IDS = vocab.special_ids()
+MASKS = (IDS.mask, IDS.smask, IDS.gmask)
+LENGTH = 512
+
+
+def random_documents(count, seed=0, low=20, high=440):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(13, 8192, size=int(rng.integers(low, high))).astype(np.int32) for _ in range(count)]
+
+
+def run(documents, preprocessor, seed=1):
+  ds = tf.data.Dataset.from_generator(lambda: ({"targets": d} for d in documents),
+                                      output_signature={"targets": tf.TensorSpec([None], tf.int32)})
+  with seqio.map_seed_manager(seed):
+    return list(preprocessor(ds).as_numpy_iterator())
+
+
+def blank(objective=None, rates=None, length=LENGTH, **kwargs):
+  return functools.partial(objectives.blank_infilling, sequence_length={"tokens": length},
+                           output_features=None, objective=objective, rates=rates, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def token_level_examples():
+  documents = random_documents(300)
+  return documents, run(documents, blank("token"))
+
+
+def test_token_level_reconstructs_and_matches_spec():
+  documents, examples = token_level_examples()
+  assert len(examples) == len(documents)
+  for document, example in zip(documents, examples):
+    part_a, spans = reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop,
+                                                mask_ids=(IDS.mask,))
+    assert len(example["tokens"]) <= LENGTH
+    mask_at = np.flatnonzero(part_a == IDS.mask)
+    assert len(mask_at) == len(spans) >= 1
+    assert (np.diff(mask_at) >= 2).all(), "two [MASK] spans are adjacent"
+
+
+def test_token_level_statistics():
+  documents, examples = token_level_examples()
+  masked, spans = 0, []
+  for example in examples:
+    targets = example["targets"][example["bidirectional"] == 0]
+    ends = np.flatnonzero(targets == IDS.eop)
+    spans.extend(np.diff(np.concatenate([[-1], ends])) - 1)
+  masked = sum(spans)
+  fraction = masked / sum(len(d) for d in documents)
+  k = np.arange(1, 40)
+  pmf = np.array([3.0 ** i * math.exp(-3.0) / math.factorial(i) for i in k])
+  truncated_poisson_mean = float((k * pmf).sum() / pmf.sum())
+  assert abs(fraction - 0.15) < 0.01, fraction
+  assert abs(np.mean(spans) - truncated_poisson_mean) < 0.15, (np.mean(spans), truncated_poisson_mean)
+  assert abs(np.mean(spans) - 3.0) < 0.3
+  assert min(spans) >= 1 and max(spans) <= 39
+
+
+def test_shuffled_span_order_differs_from_text_order_sometimes():
+  _, examples = token_level_examples()
+  shuffled = 0
+  for example in examples:
+    b = example["bidirectional"] == 0
+    order = example["positions"][b][example["tokens"][b] == IDS.sop]
+    shuffled += int((np.diff(order) < 0).any())
+  assert shuffled > len(examples) // 2
+
+
+@functools.lru_cache(maxsize=None)
+def real_documents(count=80):
+  v = vocab.default_vocabulary()
+  docs = corpus.load("shakespeare", "validation")[:count // 2] + corpus.load("poems_zh", "train")[:count // 2]
+  return [np.asarray(v.tokenizer.encode(d["text"])[:440], np.int32) for d in docs]
+
+
+def test_sentence_level_masks_whole_sentences():
+  documents = real_documents()
+  end_table = objectives.sentence_end_table(vocab.default_vocabulary())
+  for document, example in zip(documents, run(documents, blank("sentence"))):
+    part_a, spans = reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop,
+                                                mask_ids=(IDS.smask,))
+    masked = sum(len(s[2]) - 1 for s in spans)
+    sentences = np.split(document, np.flatnonzero(end_table[document]) + 1)
+    sentences = [s for s in sentences if len(s)]
+    assert masked >= int(0.15 * len(document)) or masked == len(document)
+    # Every span is a run of whole sentences: it starts and ends on sentence bounds.
+    starts = set(np.cumsum([0] + [len(s) for s in sentences])[:-1])
+    ends = set(np.cumsum([len(s) for s in sentences]))
+    cursor = 0
+    by_position = {p: len(t) - 1 for p, _, t, _, _ in spans}
+    for i, token in enumerate(part_a):
+      if i in by_position:
+        assert cursor in starts and cursor + by_position[i] in ends
+        cursor += by_position[i]
+      else:
+        cursor += 1
+
+
+def test_document_level_keeps_a_prefix_and_masks_half_or_more():
+  documents = random_documents(200, seed=3, low=2)
+  for document, example in zip(documents, run(documents, blank("document"))):
+    part_a, spans = reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop,
+                                                mask_ids=(IDS.gmask,))
+    assert len(spans) == 1 and part_a[-1] == IDS.gmask
+    masked = len(spans[0][2]) - 1
+    assert 0.5 <= masked / len(document) < 1.0 or (len(document) == 1 and masked == 1)
+    np.testing.assert_array_equal(part_a[:-1], document[:len(document) - masked])
+
+
+def test_mixed_rates_follow_glm_130b_preset():
+  documents = random_documents(400, seed=4, high=200)
+  chosen = []
+  for document, example in zip(documents, run(documents, blank(rates=objectives.GLM_130B_RATES))):
+    part_a, _ = reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop, mask_ids=MASKS)
+    kinds = {t for t in part_a if t in MASKS}
+    assert len(kinds) == 1
+    chosen.append(kinds.pop())
+  document_share = np.mean(np.array(chosen) == IDS.gmask)
+  assert abs(document_share - 0.7) < 0.08
+  assert IDS.smask not in chosen
+
+
+def test_long_documents_are_chunked_to_fit_and_reconstruct():
+  document = random_documents(1, seed=5, low=1500, high=1501)[0]
+  for objective in objectives.OBJECTIVES:
+    examples = run([document], blank(objective, length=128))
+    rebuilt = []
+    for example in examples:
+      assert len(example["tokens"]) <= 128
+      part_a, spans = reference.split_parts(example, IDS.sop)
+      rebuilt.extend(reference.fill_blanks(part_a, spans, MASKS))
+    assert rebuilt == list(document)
+
+
+def test_causal_lm_is_one_span_with_empty_part_a():
+  documents = random_documents(20, seed=6)
+  examples = run(documents, functools.partial(objectives.causal_lm, sequence_length={"tokens": LENGTH}))
+  for document, example in zip(documents, examples):
+    np.testing.assert_array_equal(example["tokens"], np.concatenate([[IDS.sop], document]))
+    np.testing.assert_array_equal(example["targets"], np.concatenate([document, [IDS.eop]]))
+    np.testing.assert_array_equal(example["loss_mask"], 1)
+    np.testing.assert_array_equal(example["bidirectional"], 0)
+    np.testing.assert_array_equal(example["positions"], 0)
+    np.testing.assert_array_equal(example["block_positions"], np.arange(1, len(document) + 2))
+
+
+def test_same_seed_same_examples_different_seed_different():
+  documents = random_documents(30, seed=7)
+  first, again, other = (run(documents, blank(), seed=s) for s in (11, 11, 12))
+  for x, y in zip(first, again):
+    for k in objectives.FEATURES:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert any(not np.array_equal(x["tokens"], y["tokens"]) for x, y in zip(first, other))
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"objective": "word"}, "objective"),
+    ({"rates": {"token": 0.5, "paragraph": 0.5}}, "unknown objectives"),
+    ({"objective": "token", "rates": {"token": 1.0}}, "either objective"),
+    ({"objective": "token", "mask_ratio": 0.7}, "mask_ratio"),
+])
+def test_bad_arguments_name_the_field(kwargs, field):
+  ds = tf.data.Dataset.from_tensors({"targets": tf.constant([20, 21], tf.int32)})
+  with pytest.raises(ValueError, match=field):
+    objectives.blank_infilling(ds, **kwargs)
+
+
+def test_missing_input_feature_is_reported():
+  ds = tf.data.Dataset.from_tensors({"text": tf.constant("hello")})
+  with pytest.raises(ValueError, match="'targets'"):
+    objectives.blank_infilling(ds, objective="token")
