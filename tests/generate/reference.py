@@ -55,20 +55,25 @@ def greedy_recompute(params, config, prompt, steps, width):
   return tokens, np.stack(logits)
 
 
-def glm_fill_recompute(params, config, text, mask_ids, sop_id, eop_id, max_span, width):
+def glm_fill_recompute(params, config, text, mask_ids, sop_id, eop_id, max_span, width,
+                       bidirectional=True, positions_1d=False):
   """Greedy GLM blank filling written from the spec (DESIGN.md s.5).
 
   Part A = text, positions 0..a-1, block 0, bidirectional. For each mask, left to
   right: append <sop> (position = mask index, block 1); each generated token is
   appended with the same position and block 2, 3, ...; <eop> ends the span and
-  is not appended. Returns (spans, per-span logits).
+  is not appended. Returns (spans, per-span logits). `bidirectional=False` makes
+  Part A causal; `positions_1d` numbers all tokens 0, 1, 2, ... with block 0
+  (the converter's options for LLaMA-style models).
   """
   a = len(text)
   fields = {"tokens": list(text), "positions": list(range(a)), "block_positions": [0] * a,
-            "bidirectional": [1] * a}
+            "bidirectional": [int(bidirectional)] * a}
 
   def append(token, position, block):
     fields["tokens"].append(token)
+    if positions_1d:
+      position, block = len(fields["positions"]), 0
     fields["positions"].append(position)
     fields["block_positions"].append(block)
     fields["bidirectional"].append(0)

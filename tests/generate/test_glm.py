@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from glmjax.generate import GenerationOptions
-from glmjax.generate.glm import BlankFill, fill_blanks, generate_glm
+from glmjax.generate.glm import BlankFill, Convention, fill_blanks, generate_glm
 from glmjax.model import presets
 from tests.generate import reference
 
@@ -46,7 +46,7 @@ def test_gmask_generation_and_splicing():
   out = generate_glm(params, config, [text], gmask_id=GMASK, sop_id=SOP, eop_id=EOP,
                      options=GenerationOptions(max_new_tokens=3))
   spans, _ = reference.glm_fill_recompute(params, config, text + [GMASK], (GMASK,), SOP, EOP, 3, 12)
-  assert out == [spans[0]]
+  assert out.sequences() == [spans[0]]
   fill = BlankFill(spans=[[8, 9], [10]], finished=[True, True])
   assert fill.filled([1, MASK, 2, MASK], (MASK,)) == [1, 8, 9, 2, 10]
 
@@ -67,3 +67,19 @@ def test_text_without_mask_is_rejected():
   with pytest.raises(ValueError, match="text 1 has no mask"):
     fill_blanks(reference.lively_params(config, 0), config, [[MASK, 1], [1, 2]], mask_ids=(MASK,),
                 sop_id=SOP, eop_id=EOP)
+
+
+def test_blank_filling_with_causal_1d_convention():
+  """A LLaMA-style model trained with positions_1d / causal inputs is prompted the same way."""
+  config = presets.get("tiny-llama")
+  params = reference.lively_params(config, 4)
+  fills = fill_blanks(params, config, TEXTS, mask_ids=(MASK,), sop_id=SOP, eop_id=EOP,
+                      options=GenerationOptions(max_new_tokens=MAX_SPAN), return_logits=True,
+                      convention=Convention(bidirectional_inputs=False, positions_1d=True))
+  width = max(map(len, TEXTS)) + 2 * (MAX_SPAN + 1)
+  for text, fill in zip(TEXTS, fills):
+    spans, logits = reference.glm_fill_recompute(params, config, text, (MASK,), SOP, EOP, MAX_SPAN,
+                                                 width, bidirectional=False, positions_1d=True)
+    assert fill.spans == spans
+    for got, want in zip(fill.logits, logits):
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
