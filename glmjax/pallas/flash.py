@@ -9,8 +9,9 @@ Two kernel variants share glmjax.pallas.tile_math and glmjax.pallas.blocks:
 `mosaic_tpu` (key loop as a grid axis, scalar-prefetched block-skip tables)
 and `triton` (key loop inside the kernel). With backend="auto" the choice is
 made per lowering platform by `lax.platform_dependent`: Mosaic on TPU, Triton
-on CUDA / ROCm, and on CPU the Mosaic variant in interpret mode. So a
-function using it can be exported for TPU or GPU from a CPU host.
+on CUDA / ROCm, and on CPU the Triton variant in interpret mode (the faster
+of the two under the interpreter). So a function using it can be exported
+for TPU or GPU from a CPU host.
 
 Exporting for "cuda" needs `disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
 "__gpu$xla.gpu.triton")]`: Triton custom calls carry no serialization
@@ -31,7 +32,7 @@ from glmjax.pallas import blocks, flash_tpu, flash_triton
 
 VARIANTS = {"mosaic_tpu": flash_tpu, "triton": flash_triton}
 BACKENDS = ("auto", *VARIANTS)
-CPU_VARIANT = "mosaic_tpu"
+CPU_VARIANT = "triton"
 INTERPRET_MIN_BLOCK = 8
 MIN_HEAD_DIM = 16
 

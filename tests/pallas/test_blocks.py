@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 from glmjax.pallas import blocks, reference
 from tests.pallas import cases
+
+
+_kv_ranges = jax.jit(blocks.kv_ranges_per_q_block, static_argnums=(2, 3))
+_q_ranges = jax.jit(blocks.q_ranges_per_kv_block, static_argnums=(2, 3))
 
 
 def _tiles_with_visible_pairs(segment_ids, bidirectional, block_q, block_k):
@@ -30,8 +35,8 @@ def test_ranges_cover_visible_tiles_exactly_for_contiguous_layouts(layout):
   for _ in range(10):
     segment_ids, bidirectional = cases.packed_batch(rng, 3, length, layout)
     needed = _tiles_with_visible_pairs(segment_ids, bidirectional, block_q, block_k)
-    kv_start, kv_count = blocks.kv_ranges_per_q_block(segment_ids, bidirectional, block_q, block_k)
-    q_start, q_count = blocks.q_ranges_per_kv_block(segment_ids, bidirectional, block_q, block_k)
+    kv_start, kv_count = _kv_ranges(segment_ids, bidirectional, block_q, block_k)
+    q_start, q_count = _q_ranges(segment_ids, bidirectional, block_q, block_k)
     by_q = _ranges_as_table(kv_start, kv_count, length // block_k)
     by_k = _ranges_as_table(q_start, q_count, length // block_q).swapaxes(1, 2)
     assert not np.any(needed & ~by_q), "a key range misses a tile with a visible pair"

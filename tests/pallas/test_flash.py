@@ -137,7 +137,7 @@ def test_skipped_key_blocks_are_never_read(backend):
 
 
 def test_attention_entry_point_pallas_auto_backend():
-  """impl="pallas" with default options: on CPU the Mosaic kernel runs in interpret mode."""
+  """impl="pallas" with default options: on CPU the Triton kernels run in interpret mode."""
   rng = np.random.default_rng(3)
   segment_ids, bidirectional = cases.packed_batch(rng, 1, 200, "glm")
   q, k, v = cases.qkv(rng, 1, 200, 4, 2, 32, jnp.float32)

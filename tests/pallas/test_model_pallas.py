@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from glmjax import model
-from glmjax.pallas import flash_tpu
+from glmjax.pallas import flash, flash_triton
 from tests.pallas import cases
 
 STEPS = 3
@@ -56,8 +56,9 @@ def _train(config, params, batch):
 @pytest.mark.parametrize("preset", ["tiny-glm", "tiny-bloom", "tiny-chatglm2"])
 def test_training_losses_match_xla(preset, monkeypatch):
   # Small blocks so the 64-token rows span several query and key blocks.
-  monkeypatch.setattr(flash_tpu, "DEFAULT_BLOCK_Q", 16)
-  monkeypatch.setattr(flash_tpu, "DEFAULT_BLOCK_K", 32)
+  assert flash.CPU_VARIANT == "triton"
+  monkeypatch.setattr(flash_triton, "DEFAULT_BLOCK_Q", 16)
+  monkeypatch.setattr(flash_triton, "DEFAULT_BLOCK_K", 32)
   config = model.presets.get(preset)
   rng = np.random.default_rng(0)
   batch = _glm_batch(rng, config, 2, config.max_length)
