@@ -6,10 +6,11 @@ on the embedded corpus (glmjax/tasks/corpus.py) with:
   glmjax tokenizer train \
       --input glmjax/tasks/data/corpus/shakespeare.train.jsonl.gz \
               glmjax/tasks/data/corpus/poems_zh.train.jsonl.gz@10 \
-      --vocab_size 8192 --out glmjax/tasks/data/glm_en_zh_8k.model
+      --vocab_size 8192 --character_coverage 1.0 \
+      --out glmjax/tasks/data/glm_en_zh_8k.model
 
-(`@10` repeats the small Chinese part ten times so that common Chinese
-characters get their own pieces.) Ids of the special tokens in that model:
+(`@10` repeats the small Chinese part ten times so that Chinese gets merges
+too; coverage 1.0 gives every character of the corpus its own piece.) Ids of the special tokens in that model:
 
   <pad> 0, </s> (eos) 1, <unk> 2, [MASK] 3, [sMASK] 4, [gMASK] 5, <sop> 6,
   <eop> 7, <|system|> 8, <|user|> 9, <|assistant|> 10, <|observation|> 11,
