@@ -77,7 +77,11 @@ def online_softmax_step(m_i, l_i, acc, s, visible, v):
 
 
 def finalize(m_i, l_i, acc):
-  """Normalised output [bq, d] float32 and lse [bq, 1]; rows that saw no key give 0 and lse MASK_VALUE."""
+  """Normalised output [bq, d] float32 and lse [bq, 1].
+
+  Rows that saw no key give output 0 and lse MASK_VALUE (their probabilities
+  are masked to 0 in the backward pass).
+  """
   empty = l_i == 0.0
   safe_l = jnp.where(empty, 1.0, l_i)
   return acc / safe_l, m_i + jnp.log(safe_l)
