@@ -1,0 +1,150 @@
+"""`glmjax generate`: text from a trained checkpoint, streamed to the terminal.
+
+    glmjax generate --checkpoint runs/demo --prompt "To be, or not to be"
+    glmjax generate --checkpoint runs/demo --prompt "The [MASK] of Venice" --strategy beam
+    glmjax generate --checkpoint runs/demo --prompts_file prompts.txt --strategy sample --top_p 0.9
+    glmjax generate --checkpoint runs/demo --mode chat          # interactive, multi-turn
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+EPILOG = """\
+Modes: auto (blank filling when the prompt has [MASK]/[sMASK], else [gMASK] generation),
+blank, gmask, text (<sop> + prompt, the causal-LM task format), raw (plain continuation,
+for imported HuggingFace models), chat (ChatGLM3 roles; interactive when no --prompt).
+A prompts file has one prompt per line ("\\n" inside a line is a newline).
+Exit codes: 0 done, 2 bad arguments or checkpoint.
+"""
+
+
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+  g = p.add_argument_group("decoding")
+  g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
+  g.add_argument("--max_new_tokens", type=int, default=64)
+  g.add_argument("--temperature", type=float, default=1.0)
+  g.add_argument("--top_k", type=int, default=0, help="0 disables")
+  g.add_argument("--top_p", type=float, default=1.0, help="1.0 disables")
+  g.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0 disables")
+  g.add_argument("--no_repeat_ngram_size", type=int, default=0, help="0 disables")
+  g.add_argument("--num_beams", type=int, default=4)
+  g.add_argument("--length_penalty", type=float, default=1.0)
+  g.add_argument("--forbid", default="", help="comma-separated token ids never to emit")
+  g.add_argument("--seed", type=int, default=0)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True, help="`glmjax train` workdir or its checkpoints/ dir")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  p.add_argument("--vocab", default=None,
+                 help="SentencePiece model with the GLM specials (default: the shipped vocabulary)")
+  p.add_argument("--causal_inputs", action="store_true",
+                 help="Part A causal (the model was trained with bidirectional_inputs=False)")
+  p.add_argument("--positions_1d", action="store_true",
+                 help="positions 0,1,2,... without block positions (trained with positions_1d=True)")
+
+
+def options_from_args(args):
+  from glmjax.generate.decoding import GenerationOptions  # pylint: disable=import-outside-toplevel
+  forbid = tuple(int(t) for t in args.forbid.split(",") if t.strip())
+  return GenerationOptions(
+      max_new_tokens=args.max_new_tokens, strategy=args.strategy, temperature=args.temperature,
+      top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+      no_repeat_ngram_size=args.no_repeat_ngram_size, forbidden_ids=forbid,
+      num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
+
+
+def text_generator(args):
+  """TextGenerator for the checkpoint named by the model args (params sharded over the mesh)."""
+  from glmjax.generate import glm  # pylint: disable=import-outside-toplevel
+  from glmjax.generate.loading import load_checkpoint  # pylint: disable=import-outside-toplevel
+  from glmjax.generate.text import TextGenerator  # pylint: disable=import-outside-toplevel
+  from glmjax.sharding import batch_divisor  # pylint: disable=import-outside-toplevel
+  from glmjax.tasks import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  loaded = load_checkpoint(args.checkpoint, args.step)
+  vocabulary = vocab_lib.GLMVocabulary(args.vocab) if args.vocab else vocab_lib.default_vocabulary()
+  if vocabulary.vocab_size > loaded.config.vocab_size:
+    raise ValueError(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
+                     f"{loaded.config.vocab_size}; pass the --vocab the model was trained with")
+  convention = glm.Convention(bidirectional_inputs=not args.causal_inputs,
+                              positions_1d=args.positions_1d)
+  program = loaded.program
+  return loaded, TextGenerator(loaded.params, loaded.config, vocabulary, convention,
+                               sharding_context=program.sharding_context,
+                               batch_multiple=batch_divisor(program.mesh, program.rules))
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="glmjax generate", description=__doc__.split("\n\n")[0],
+                              epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_model_args(p)
+  p.add_argument("--prompt", action="append", default=[], help="prompt text (repeatable)")
+  p.add_argument("--prompts_file", default=None, help="file with one prompt per line")
+  p.add_argument("--mode", choices=("auto", "blank", "gmask", "text", "raw", "chat"), default="auto")
+  p.add_argument("--system", default=None, help="chat: system message")
+  p.add_argument("--no_stream", action="store_true", help="print each answer when complete")
+  add_decoding_args(p)
+  return p
+
+
+def _read_prompts(args) -> list[str]:
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    with open(args.prompts_file, encoding="utf-8") as f:
+      prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
+  return prompts
+
+
+def _chat(generator, options, args, prompts) -> None:
+  from glmjax.generate.chat import Turn  # pylint: disable=import-outside-toplevel
+  history = [Turn("system", args.system)] if args.system else []
+  interactive = not prompts
+  stream = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))
+  queries = prompts if prompts else _stdin_lines()
+  for query in queries:
+    history.append(Turn("user", query))
+    if not interactive:
+      print(f"user: {query}")
+    print("assistant: ", end="", flush=True)
+    answer = generator.chat(history, options, on_text=stream)
+    print("" if stream else answer)
+    history.append(Turn("assistant", answer))
+
+
+def _stdin_lines():
+  while True:
+    try:
+      line = input("user: ")
+    except EOFError:
+      return
+    if line.strip():
+      yield line
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+  try:
+    prompts = _read_prompts(args)
+    if not prompts and args.mode != "chat":
+      raise ValueError("give --prompt TEXT or --prompts_file FILE (or --mode chat for a conversation)")
+    options = options_from_args(args)
+    _, generator = text_generator(args)
+  except (ValueError, OSError) as e:
+    print(f"glmjax generate: {e}", file=sys.stderr)
+    return 2
+  if args.mode == "chat":
+    _chat(generator, options, args, prompts)
+    return 0
+  mode = generator.mode_of(generator.encode(prompts[0]), args.mode)
+  if len(prompts) == 1 and not args.no_stream and args.strategy != "beam" and mode != "blank":
+    print(prompts[0], end="", flush=True)
+    generator.complete(prompts, options, mode, on_text=lambda piece: print(piece, end="", flush=True))
+    print()
+    return 0
+  answers = generator.complete(prompts, options, mode)
+  for prompt, answer in zip(prompts, answers):
+    print(f"### {prompt}\n{answer}\n")
+  return 0

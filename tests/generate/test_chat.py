@@ -1,0 +1,28 @@
+"""The chat prompt is the training format (glmjax.tasks.formats.chat) cut before the answer."""
+
+import numpy as np
+import tensorflow as tf
+
+from glmjax.generate.chat import Turn, chat_prompt, stop_ids
+from glmjax.generate.glm import glm_row
+from glmjax.tasks import formats, vocab
+
+
+def test_chat_prompt_is_the_training_example_up_to_the_answer():
+  v = vocab.default_vocabulary()
+  ids = vocab.special_ids(v)
+  roles = ["system", "user", "assistant", "user", "assistant"]
+  contents = ["You add numbers.", "What is 2 + 3?", "5", "And 10 + 7?", "17"]
+  ds = tf.data.Dataset.from_tensors({"roles": tf.constant(roles), "contents": tf.constant(contents)})
+  example = next(iter(formats.chat(ds).as_numpy_iterator()))
+
+  history = [Turn(r, c) for r, c in zip(roles[:-1], contents[:-1])]
+  part_a, part_b = chat_prompt(history, ids, lambda text: v.encode(text))
+  row = glm_row(part_a, part_b, 0)
+  n = len(row["tokens"])
+  for key in ("tokens", "positions", "block_positions", "bidirectional"):
+    np.testing.assert_array_equal(np.asarray(row[key]), example[key][:n], err_msg=key)
+  # What follows in training is the answer, then the token the model learns to stop at.
+  answer = v.encode("17")
+  np.testing.assert_array_equal(example["targets"][n - 1:n - 1 + len(answer) + 1], answer + [ids.eop])
+  assert ids.eop in stop_ids(ids) and ids.user in stop_ids(ids)
