@@ -53,10 +53,11 @@ def check_params(params: dict, config: ModelConfig) -> None:
   if missing or extra:
     raise ValueError(f"params do not match the ModelConfig: missing {missing}, unexpected {extra}; "
                      "pass the config the params were built with")
-  for path, shape in expected.items():
-    if tuple(np.shape(actual[path])) != tuple(shape):
-      raise ValueError(f"params[{'/'.join(path)}] has shape {tuple(np.shape(actual[path]))}, the "
-                       f"ModelConfig implies {tuple(shape)}")
+  wrong = [f"params[{'/'.join(path)}] has shape {tuple(np.shape(actual[path]))}, the ModelConfig "
+           f"implies {tuple(shape)}" for path, shape in sorted(expected.items())
+           if tuple(np.shape(actual[path])) != tuple(shape)]
+  if wrong:
+    raise ValueError("params do not match the ModelConfig:\n  " + "\n  ".join(wrong))
 
 
 class HostSlices:
