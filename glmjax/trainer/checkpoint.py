@@ -35,7 +35,9 @@ def make_manager(directory: str, config: CheckpointConfig) -> ocp.CheckpointMana
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=config.save_every or 10**12, max_to_keep=config.keep,
       enable_async_checkpointing=config.async_save, cleanup_tmp_directories=True, create=True)
-  return ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+  handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+              "config": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: dict, config_info: dict,

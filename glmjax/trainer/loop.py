@@ -152,13 +152,14 @@ def _eval(program: TrainProgram, params, batches: list) -> dict:
 
 
 def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=None,
-          eval_data: Optional[Iterable[dict]] = None, config_text: str = "") -> TrainResult:
+          eval_data: Optional[Iterable[dict]] = None, config_text: str = "",
+          devices: Optional[list] = None) -> TrainResult:
   """Trains `experiment`; resumes from the latest checkpoint in `workdir/checkpoints` if any.
 
   train_data: None (the seqio mixture of `experiment.data`), a `ResumableStream`, or a
   zero-argument callable returning an iterable of batch dicts (global batches; each process
   keeps its rows). eval_data: a list of batch dicts, or None (the validation split when
-  `eval_every` is set).
+  `eval_every` is set). devices: the mesh's devices (default: all of them).
   """
   dist.initialize(experiment.distributed)
   _validate(experiment)
@@ -168,7 +169,8 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
 
   program = TrainProgram(experiment.model, experiment.optimizer, experiment.mesh,
                          num_steps=cfg.num_steps, global_batch_size=experiment.data.batch_size,
-                         step_config=StepConfig(microbatches=cfg.microbatches, z_loss=cfg.z_loss))
+                         step_config=StepConfig(microbatches=cfg.microbatches, z_loss=cfg.z_loss),
+                         devices=devices)
   layout = {"batch_size": experiment.data.batch_size, "sequence_length": experiment.data.sequence_length}
   if train_data is None:
     stream = data_lib.train_stream(experiment.data, pid, nproc)
@@ -209,7 +211,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   seq_len = experiment.data.sequence_length
   tokens_per_step = experiment.data.batch_size * seq_len
   flops_per_step = metrics_lib.flops_per_token(experiment.model, seq_len) * tokens_per_step
-  peak = metrics_lib.peak_flops(jax.devices(), cfg.peak_flops_per_device)
+  peak = metrics_lib.peak_flops(list(program.mesh.devices.flat), cfg.peak_flops_per_device)
   config_info = {"gin": config_text, "process_count": nproc, "devices": jax.device_count(),
                  "mesh": {k: int(v) for k, v in program.mesh.shape.items()}}
   bar = _progress(cfg.progress_bar and is_main, cfg.num_steps, step)

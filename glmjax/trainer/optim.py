@@ -67,7 +67,7 @@ def learning_rate_schedule(config: OptimizerConfig, num_steps: int) -> Callable[
       return optax.constant_schedule(peak)
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)],
                                 [warmup])
-  if total <= warmup:
+  if config.schedule in ("warmup_cosine", "linear") and total <= warmup:
     raise ValueError(f"OptimizerConfig: decay_steps (or TrainerConfig.num_steps)={total} must exceed "
                      f"warmup_steps={warmup} for schedule {config.schedule!r}")
   if config.schedule == "warmup_cosine":

@@ -71,3 +71,11 @@ def random_batches(count: int, batch_size: int, length: int, seed: int = 0, voca
     out.append({"tokens": tokens[:, :-1] * mask, "targets": tokens[:, 1:] * mask,
                 "loss_mask": mask.astype(np.float32), "segment_ids": mask.astype(np.int32)})
   return out
+
+
+def endless_random_batches(batch_size: int, length: int, seed: int = 0):
+  """Deterministic, endless stream: batch i depends only on (seed, i)."""
+  i = 0
+  while True:
+    yield random_batches(1, batch_size, length, seed=seed * 1_000_003 + i)[0]
+    i += 1

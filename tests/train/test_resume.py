@@ -1,0 +1,78 @@
+"""Checkpoints: exact resume (losses, params, data position) and shape-mismatch errors."""
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from glmjax.sharding import MeshConfig
+from glmjax.trainer import (CheckpointConfig, DataConfig, Experiment, OptimizerConfig, TrainerConfig,
+                            train)
+from glmjax.trainer.metrics import read_jsonl
+from tests.train.helpers import synthetic_task, tiny_model
+
+STEPS = 20
+
+
+def experiment(task, num_steps):
+  return Experiment(
+      model=tiny_model(), mesh=MeshConfig(data=-1, fsdp=2),
+      # decay_steps fixed so the 10-step leg has the 20-step run's schedule.
+      optimizer=OptimizerConfig(learning_rate=3e-3, warmup_steps=3, decay_steps=STEPS),
+      data=DataConfig(mixture=task, sequence_length=32, batch_size=8),
+      trainer=TrainerConfig(num_steps=num_steps, progress_bar=False, eval_at_end=False, plot=False,
+                            peak_flops_per_device=1e9),
+      checkpoint=CheckpointConfig(save_every=4, keep=2))
+
+
+def losses(workdir):
+  return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  with synthetic_task() as task:
+    straight_dir = str(tmp_path_factory.mktemp("straight"))
+    straight = train(experiment(task, STEPS), straight_dir)
+    split_dir = str(tmp_path_factory.mktemp("split"))
+    first = train(experiment(task, STEPS // 2), split_dir)
+    second = train(experiment(task, STEPS), split_dir)
+  return straight, first, second
+
+
+def test_resumed_run_matches_the_uninterrupted_one(runs):
+  straight, first, second = runs
+  assert first.resumed_from is None and first.step == STEPS // 2
+  assert second.resumed_from == STEPS // 2 and second.step == STEPS
+  want, got = losses(straight.workdir), losses(second.workdir)
+  assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
+  assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bitwise, every step
+  for a, b in zip(jax.tree.leaves(jax.device_get(straight.state)), jax.tree.leaves(jax.device_get(second.state))):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoints_keep_the_newest_and_hold_the_data_position(runs):
+  _, _, second = runs
+  ckpt_dir = os.path.join(second.workdir, "checkpoints")
+  steps = sorted(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
+  assert steps == [16, 20]  # keep=2
+  import json
+  with open(os.path.join(ckpt_dir, "20", "data", "metadata"), encoding="utf-8") as f:
+    assert json.load(f)["batches"] == STEPS
+
+
+def test_loading_into_other_shapes_lists_the_mismatched_params(runs, tmp_path):
+  straight, _, _ = runs
+  with synthetic_task() as task:
+    exp = experiment(task, STEPS + 1)
+    exp = dataclasses.replace(exp, model=tiny_model(ffn_dim=128))
+    with pytest.raises(ValueError) as info:
+      train(exp, straight.workdir)
+  message = str(info.value)
+  assert "does not match this config's shapes" in message
+  assert "params/layers/mlp/w_up: checkpoint (2, 32, 64) != config (2, 32, 128)" in message
+  assert "params/layers/mlp/w_down: checkpoint (2, 64, 32) != config (2, 128, 32)" in message
+  assert "params/layers/attn/wq" not in message
