@@ -50,22 +50,13 @@ def _experiment_from_gin(text: str):
     config_gin.clear()
 
 
-def _read_only_manager(directory: str, items) -> ocp.CheckpointManager:
-  """A manager that knows each item's handler up front, so the metadata check of
-  `glmjax.trainer.checkpoint.restore` sees the saved state tree in a fresh process."""
-  handlers = {name: ocp.StandardCheckpointHandler() if name == "state" else ocp.JsonCheckpointHandler()
-              for name in items}
-  options = ocp.CheckpointManagerOptions(create=False, read_only=True)
-  return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
-
-
 def load_checkpoint(path: str, step: Optional[int] = None) -> LoadedModel:
   """Params (sharded over all local devices) and configs of the latest (or given) step."""
   from glmjax.trainer import TrainProgram  # pylint: disable=import-outside-toplevel
   from glmjax.trainer import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
 
   directory = checkpoints_dir(path)
-  manager = _read_only_manager(directory, ckpt.ITEMS)
+  manager = ckpt.make_manager(directory, ckpt.CheckpointConfig(async_save=False))
   try:
     steps = manager.all_steps()
     if not steps:

@@ -46,7 +46,8 @@ class TextGenerator:
   def _mask_ids(self):
     return (self.ids.mask, self.ids.smask, self.ids.gmask)
 
-  def _padded(self, rows: list) -> list:
+  def pad_batch(self, rows: list) -> list:
+    """Repeats the last row until the batch divides over the mesh's batch shards."""
     extra = -len(rows) % self.batch_multiple
     return rows + [rows[-1]] * extra
 
@@ -74,12 +75,12 @@ class TextGenerator:
     n = len(encoded)
     with self.sharding_context():
       if mode == "blank":
-        fills = glm.fill_blanks(self.params, self.config, self._padded(encoded),
+        fills = glm.fill_blanks(self.params, self.config, self.pad_batch(encoded),
                                 mask_ids=self._mask_ids(), sop_id=ids.sop, eop_id=ids.eop,
                                 options=options, convention=self.convention)
         outputs = [self.decode(f.filled(t, self._mask_ids())) for f, t in zip(fills[:n], encoded)]
       elif mode == "raw":
-        result = generate(self.params, self.config, self._padded(encoded), options, on_token=on_token)
+        result = generate(self.params, self.config, self.pad_batch(encoded), options, on_token=on_token)
         outputs = [self.decode(s) for s in result.sequences()[:n]]
       else:
         if mode == "gmask":
@@ -90,8 +91,8 @@ class TextGenerator:
           part_as, masks, part_bs = [[]] * n, [0] * n, [[ids.sop] + t for t in encoded]
         options = dataclasses.replace(options, stop_ids=tuple(dict.fromkeys(
             (ids.eop,) + options.stop_ids)))
-        result = glm.continue_glm(self.params, self.config, self._padded(part_as),
-                                  self._padded(part_bs), self._padded(masks), options,
+        result = glm.continue_glm(self.params, self.config, self.pad_batch(part_as),
+                                  self.pad_batch(part_bs), self.pad_batch(masks), options,
                                   convention=self.convention, on_token=on_token)
         outputs = [self.decode(s) for s in result.sequences()[:n]]
     if streamer is not None:
@@ -106,8 +107,8 @@ class TextGenerator:
       part_a, part_b = chat_lib.chat_prompt(history, self.ids, self.encode)
       options = dataclasses.replace(options, stop_ids=tuple(dict.fromkeys(
           chat_lib.stop_ids(self.ids) + options.stop_ids)))
-      result = glm.continue_glm(self.params, self.config, self._padded([part_a]),
-                                self._padded([part_b]), self._padded([0]), options,
+      result = glm.continue_glm(self.params, self.config, self.pad_batch([part_a]),
+                                self.pad_batch([part_b]), self.pad_batch([0]), options,
                                 convention=self.convention,
                                 on_token=streamer.on_token if streamer and options.strategy != "beam"
                                 else None)
