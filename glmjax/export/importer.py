@@ -203,3 +203,125 @@ def _with_dtype(config: ModelConfig, raw: dict) -> ModelConfig:
 
 def _cast(tree: dict, dtype: str) -> dict:
   return {k: _cast(v, dtype) if isinstance(v, dict) else v.astype(_np_name(dtype)) for k, v in tree.items()}
+
+
+# --- `glmjax import` ----------------------------------------------------------------------------
+
+MODEL_GIN = "model.gin"
+IMPORT_EPILOG = """\
+Writes OUT/model.gin (the ModelConfig), OUT/checkpoints/0 (the trainer's checkpoint layout: the
+imported params, a fresh optimizer state for the experiment's OptimizerConfig, step 0) and
+OUT/tokenizer/ (the HuggingFace tokenizer files, when the folder has them). Continue training with
+the same experiment files, the model file last:
+
+  glmjax train --gin_file my_finetune.gin --gin_file OUT/model.gin --workdir OUT
+
+Exit codes: 0 imported, 2 bad arguments, unsupported checkpoint or OUT already holding a checkpoint.
+"""
+
+
+def model_gin(config: ModelConfig, source: str) -> str:
+  """gin bindings of every ModelConfig field, in the style of experiments/models/*.gin."""
+  lines = [f"# Imported from {source} by `glmjax import`.", ""]
+  lines += [f"ModelConfig.{field.name} = {getattr(config, field.name)!r}"
+            for field in dataclasses.fields(ModelConfig)]
+  return "\n".join(lines) + "\n"
+
+
+def write_checkpoint(params: dict, config: ModelConfig, out_dir: str, gin_files=(), bindings=(),
+                     source: str = "") -> int:
+  """The imported params as step 0 of a `glmjax train` workdir; returns the step written."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from glmjax import config_gin  # pylint: disable=import-outside-toplevel
+  from glmjax.trainer import TrainProgram  # pylint: disable=import-outside-toplevel
+  from glmjax.trainer import checkpoint as ckpt  # pylint: disable=import-outside-toplevel
+  from glmjax.trainer.step import new_state  # pylint: disable=import-outside-toplevel
+
+  os.makedirs(out_dir, exist_ok=True)
+  gin_path = os.path.join(out_dir, MODEL_GIN)
+  with open(gin_path, "w", encoding="utf-8") as f:
+    f.write(model_gin(config, source))
+  config_gin.clear()
+  try:
+    config_gin.parse(list(gin_files) + [gin_path], list(bindings))
+    experiment = config_gin.build_experiment()
+    text = config_gin.operative_config()
+  finally:
+    config_gin.clear()
+  check_same_shapes(experiment.model, config)
+
+  program = TrainProgram(experiment.model, experiment.optimizer, experiment.mesh,
+                         num_steps=experiment.trainer.num_steps, global_batch_size=jax.device_count())
+  with program.sharding_context():
+    placed = jax.device_put(params, program.param_shardings)
+    build = jax.jit(lambda p, rng: new_state(p, program.optimizer.init(p), rng),
+                    out_shardings=program.state_shardings)
+    state = build(placed, jax.random.PRNGKey(experiment.trainer.seed))
+  manager = ckpt.make_manager(os.path.abspath(os.path.join(out_dir, "checkpoints")),
+                              ckpt.CheckpointConfig(async_save=False))
+  try:
+    if manager.latest_step() is not None:
+      raise ValueError(f"{out_dir}/checkpoints already holds step {manager.latest_step()}; import "
+                       "into a new folder")
+    config_info = {"gin": text, "imported_from": source, "process_count": jax.process_count(),
+                   "devices": jax.device_count()}
+    ckpt.save(manager, 0, state, {"batches": 0}, config_info, force=True)
+    manager.wait_until_finished()
+  finally:
+    manager.close()
+  return 0
+
+
+def check_same_shapes(model: ModelConfig, imported: ModelConfig) -> None:
+  """Bindings may change training fields (dtype, remat, attention_impl), not the param shapes."""
+  import jax  # pylint: disable=import-outside-toplevel
+  shapes = lambda c: jax.tree_util.tree_map(lambda s: (s.shape, s.dtype), param_specs(c),  # noqa: E731
+                                            is_leaf=is_spec)
+  if shapes(model) != shapes(imported):
+    raise ValueError("the gin files / bindings change the imported ModelConfig's parameter shapes; "
+                     "bind only training fields (dtype, remat_policy, attention_impl) of ModelConfig")
+
+
+def import_parser():
+  import argparse  # pylint: disable=import-outside-toplevel
+  p = argparse.ArgumentParser(
+      prog="glmjax import", epilog=IMPORT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Import a local HuggingFace checkpoint as a glmjax train workdir (orbax + gin).")
+  p.add_argument("--from", dest="source", required=True,
+                 help="HuggingFace folder (config.json + safetensors), e.g. from save_pretrained")
+  p.add_argument("--out", required=True, help="new glmjax workdir to write")
+  p.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16", "float16", "stored"),
+                 help="dtype of the imported params (default float32 master weights; 'stored': as saved)")
+  p.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                 help="experiment file(s) whose Optimizer/Mesh/Trainer configs the state is built for")
+  p.add_argument("--gin", action="append", default=[], metavar="KEY=VALUE", help="gin binding")
+  return p
+
+
+def main(argv=None) -> int:
+  import sys  # pylint: disable=import-outside-toplevel
+  args = import_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+  logging.basicConfig(level=logging.WARNING)
+  dtype = None if args.param_dtype == "stored" else args.param_dtype
+  try:
+    params, config = from_huggingface(args.source, param_dtype=dtype)
+    write_checkpoint(params, config, args.out, args.gin_file, args.gin, source=args.source)
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    print(f"glmjax import: {e}", file=sys.stderr)
+    return 2
+  copied = copy_tokenizer(args.source, os.path.join(args.out, "tokenizer"))
+  print(f"glmjax import: {args.source} -> {args.out} (step 0, {MODEL_GIN}"
+        + (", tokenizer/" if copied else "") + "); continue with: glmjax train --gin_file <experiment> "
+        f"--gin_file {os.path.join(args.out, MODEL_GIN)} --workdir {args.out}")
+  return 0
+
+
+def copy_tokenizer(source: str, out_dir: str) -> bool:
+  from glmjax.export.tokenizer_files import HF_TOKENIZER_FILES  # pylint: disable=import-outside-toplevel
+  import shutil  # pylint: disable=import-outside-toplevel
+  present = [n for n in HF_TOKENIZER_FILES if os.path.exists(os.path.join(source, n))]
+  if present:
+    os.makedirs(out_dir, exist_ok=True)
+    for name in present:
+      shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+  return bool(present)
