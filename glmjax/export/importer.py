@@ -68,8 +68,10 @@ def _matches(expected, actual) -> bool:
 
 
 def stale_fields(config: ModelConfig, target: targets.Target, raw: dict) -> list[str]:
-  """config.json keys edited since export (the stored ModelConfig no longer describes them)."""
-  return [key for key, value in target.hf_config(config).items() if not _matches(value, raw.get(key))]
+  """config.json keys edited since export (the stored ModelConfig no longer describes them). Keys
+  a later save_pretrained dropped (transformers 4 aliases) are not evidence of an edit."""
+  return [key for key, value in target.hf_config(config).items()
+          if key in raw and not _matches(value, raw[key])]
 
 
 def native_config(hf_dir: str, target: targets.Target) -> ModelConfig:

@@ -101,7 +101,6 @@ class Tables:
 
   def __init__(self, config: ModelConfig):
     self.c = config
-    self.dtype = np.dtype(config.param_dtype) if config.param_dtype != "bfloat16" else None
 
   def zeros(self, name, shape, layer=None, field=""):
     """A tensor the PyTorch class always has and this glmjax config does not: written as zeros."""
@@ -271,15 +270,15 @@ def rope_parameters(hf) -> tuple[float, float]:
   return float(theta), float(fraction)
 
 
-def _rope_json(config: ModelConfig, with_fraction: bool) -> dict:
+def _rope_json(config: ModelConfig, with_fraction: bool, legacy_fraction_key: str = "") -> dict:
+  """transformers 5 `rope_parameters`, plus the top-level keys transformers 4 read instead."""
   params = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
   if with_fraction:
     params["partial_rotary_factor"] = float(config.rotary_fraction)
-  return {"rope_parameters": params}
-
-
-def _tokens_json(special: dict) -> dict:
-  return {key: special.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")}
+  out = {"rope_parameters": params, "rope_theta": float(config.rope_theta)}
+  if legacy_fraction_key:
+    out[legacy_fraction_key] = float(config.rotary_fraction)
+  return out
 
 
 class Target:
@@ -399,7 +398,7 @@ class Glm(Target):
         "head_dim": c.head_dim, "hidden_act": ACT_TO_HF[c.ffn_activation],
         "max_position_embeddings": c.max_length, "rms_norm_eps": c.norm_eps,
         "attention_bias": c.qkv_bias, "tie_word_embeddings": c.tie_embeddings,
-        "vocab_size": c.vocab_size, **_rope_json(c, True)}
+        "vocab_size": c.vocab_size, **_rope_json(c, True, "partial_rotary_factor")}
 
   def tensors(self, c):
     t = Tables(c)
@@ -530,7 +529,7 @@ class GPTNeoX(Target):
         "max_position_embeddings": c.max_length, "layer_norm_eps": c.norm_eps,
         "attention_bias": c.qkv_bias or c.attn_out_bias, "use_parallel_residual": c.parallel_block,
         "tie_word_embeddings": c.tie_embeddings, "vocab_size": c.vocab_size,
-        **_rope_json(c, True)}
+        "rotary_emb_base": float(c.rope_theta), **_rope_json(c, True, "rotary_pct")}
 
   def tensors(self, c):
     t = Tables(c)
@@ -676,7 +675,8 @@ class Bloom(Target):
         "hidden_size": c.d_model, "n_layer": c.num_layers, "n_head": c.num_heads,
         "layer_norm_epsilon": c.norm_eps, "apply_residual_connection_post_layernorm": False,
         "pretraining_tp": 1, "slow_but_exact": False, "tie_word_embeddings": c.tie_embeddings,
-        "vocab_size": c.vocab_size, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+        "vocab_size": c.vocab_size, "hidden_dropout": 0.0, "attention_dropout": 0.0,
+        "seq_length": c.max_length}
 
   def tensors(self, c):
     t = Tables(c)
