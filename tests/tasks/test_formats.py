@@ -7,7 +7,6 @@ import re
 import numpy as np
 import pytest
 import seqio
-import tensorflow as tf
 
 from glmjax.tasks import formats, registry, sources, synthetic, vocab
 from tests.tasks import reference

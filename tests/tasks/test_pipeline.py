@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import seqio
-import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import glmjax.tasks as tasks
