@@ -51,10 +51,30 @@ def repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _guard_package_path_reader() -> None:
+  """gin's package-path reader crashes (TypeError) when a path's head is a namespace package,
+  e.g. `include 'experiments/...'` with the repository on sys.path but another working
+  directory; treat that as "not found there" so the next search path is tried."""
+  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
+  readers = getattr(gin_config, "_FILE_READERS", None)
+  if not isinstance(readers, list):
+    return
+  for i, (reader, exists) in enumerate(readers):
+    if getattr(exists, "__module__", "") == "gin.resource_reader":
+      def safe_exists(path, _exists=exists):
+        try:
+          return _exists(path)
+        except TypeError:
+          return False
+      safe_exists.__module__ = __name__
+      readers[i] = (reader, safe_exists)
+
+
 def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (), finalize: bool = True) -> None:
   """Parses experiment files and KEY=VALUE bindings (later ones win). Includes resolve against
   the current directory, the repository root and each file's own directory."""
   register()
+  _guard_package_path_reader()
   search = [os.getcwd(), repo_root()] + [os.path.dirname(os.path.abspath(f)) for f in gin_files]
   for path in dict.fromkeys(search):
     gin.add_config_file_search_path(path)

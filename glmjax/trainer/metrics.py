@@ -123,6 +123,15 @@ def _plain(value):
   return value
 
 
+def _ema(values, decay):
+  """Bias-corrected exponential moving average (as TensorBoard's smoothing)."""
+  out, avg = [], 0.0
+  for i, v in enumerate(values):
+    avg = decay * avg + (1 - decay) * v
+    out.append(avg / (1 - decay ** (i + 1)))
+  return out
+
+
 def read_jsonl(path: str) -> list[dict]:
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -139,7 +148,10 @@ def plot_loss_curve(records: list[dict], path: str, title: str = "") -> Optional
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
   if train:
-    ax.plot(*zip(*train), label="train loss", linewidth=1.0)
+    steps, losses = zip(*train)
+    ax.plot(steps, losses, label="train loss", linewidth=0.8, alpha=0.45)
+    if len(losses) >= 10:
+      ax.plot(steps, _ema(losses, 0.9), label="train loss (EMA 0.9)", linewidth=1.6)
   if evals:
     ax.plot(*zip(*evals), "o-", label="eval loss", linewidth=1.5)
   ax.set_xlabel("step")
