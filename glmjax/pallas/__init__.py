@@ -43,8 +43,13 @@ def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="a
       return attention_reference(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
                                  alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"))
     from glmjax.pallas import flash  # pylint: disable=import-outside-toplevel
-    return flash.flash_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
-                                 alibi_slopes=alibi_slopes, **kernel_options)
+    from glmjax.pallas.partitioning import shard_kernel  # pylint: disable=import-outside-toplevel
+
+    def kernel(q, k, v, segment_ids, bidirectional, alibi_slopes):
+      return flash.flash_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
+                                   alibi_slopes=alibi_slopes, **kernel_options)
+
+    return shard_kernel(kernel, q, k, v, segment_ids, bidirectional, alibi_slopes)
 
   args = (q, k, v, segment_ids, bidirectional, alibi_slopes)
   if resolve_impl(impl) == impl:
