@@ -63,9 +63,11 @@ def check_params(params: dict, config: ModelConfig) -> None:
 class HostSlices:
   """Host copies of single leaves or single layers of stacked leaves, one at a time.
 
-  A jax.Array (sharded or not) is indexed on device by a jitted dynamic index
-  (one compile per leaf shape and sharding, not per layer) and only that slice
-  is transferred.
+  A stacked jax.Array (sharded or not) is indexed on device by a jitted dynamic
+  index (one compile per leaf shape and sharding, not per layer) and only that
+  slice is transferred, shard by shard into one numpy array. Going through the
+  shards also keeps jax from caching a host copy on the param itself (as
+  `np.asarray(param)` would, for the life of the params).
   """
 
   def __init__(self, params: dict):
@@ -82,13 +84,25 @@ class HostSlices:
                        "(`glmjax export` restores the checkpoint onto the local devices)")
     if layer is not None:
       leaf = self._layer(leaf, layer)
-    return np.asarray(leaf)
+    return _from_shards(leaf)
 
   def _layer(self, leaf, layer: int):
     import jax  # pylint: disable=import-outside-toplevel
     if self._take is None:
       self._take = jax.jit(lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False))
     return self._take(leaf, np.int32(layer))
+
+
+def _from_shards(array) -> np.ndarray:
+  """One host array from the addressable shards (each distinct block copied once)."""
+  out = np.empty(array.shape, array.dtype)
+  copied = set()
+  for shard in array.addressable_shards:
+    key = tuple((s.start, s.stop) for s in shard.index)
+    if key not in copied:
+      out[shard.index] = np.asarray(shard.data)
+      copied.add(key)
+  return out
 
 
 def _is_jax_array(x) -> bool:
@@ -107,7 +121,7 @@ def pending_tensors(params: dict, config: ModelConfig, target: targets.Target,
   def producer(tmap: targets.TensorMap):
     def produce():
       sources = [slices.get(path, tmap.layer) for path in tmap.sources]
-      return np.asarray(tmap.to_hf(*sources)).astype(out_dtype)
+      return np.asarray(tmap.to_hf(*sources)).astype(out_dtype, copy=False)
     return produce
 
   return [safetensors_io.PendingTensor(m.name, m.shape, out_dtype, producer(m))

@@ -96,7 +96,7 @@ def write_file(filename: str, tensors: Sequence[PendingTensor], metadata: dict) 
       if array.shape != tuple(t.shape) or array.dtype != np.dtype(t.dtype):
         raise AssertionError(f"{t.name}: produced {array.dtype}{list(array.shape)}, "
                              f"declared {np.dtype(t.dtype)}{list(t.shape)}")
-      f.write(np.ascontiguousarray(array).tobytes())
+      f.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
   os.replace(tmp, filename)
 
 
