@@ -134,6 +134,16 @@ def _validate(experiment: Experiment) -> None:
     raise ValueError("TrainerConfig.max_nonfinite_streak must be >= 1")
 
 
+def check_token_ids(batch: dict, vocab_size: int) -> None:
+  """Out-of-range ids would be silently clamped by the embedding gather; fail instead."""
+  for key in ("tokens", "targets"):
+    values = batch[key]
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab_size:
+      raise ValueError(f"batch[{key!r}] has ids in [{low}, {high}] but ModelConfig.vocab_size={vocab_size}; "
+                       "set vocab_size to the data's vocabulary size (8192 for glmjax.tasks' default)")
+
+
 def _progress(enabled: bool, total: int, initial: int):
   if not enabled:
     return None
@@ -241,7 +251,9 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
         except StopIteration:
           raise ValueError(f"the training data ran out after {stream.position} batches, before "
                            f"TrainerConfig.num_steps={cfg.num_steps}") from None
-        batch = program.global_batch(host_rows(host))
+        host = host_rows(host)
+        check_token_ids(host, experiment.model.vocab_size)
+        batch = program.global_batch(host)
         state, device_metrics = program.train_step(state, batch)
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         step += 1

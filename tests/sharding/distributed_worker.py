@@ -18,6 +18,9 @@ def main(process_id: int, port: int) -> None:
   from glmjax.sharding import DistributedConfig  # pylint: disable=import-outside-toplevel
   from glmjax.trainer import train  # pylint: disable=import-outside-toplevel
   from tests.sharding.test_distributed import experiment, global_batches  # pylint: disable=import-outside-toplevel
+  from tests.train.helpers import use_test_compilation_cache  # pylint: disable=import-outside-toplevel
+
+  use_test_compilation_cache()
 
   exp = dataclasses.replace(experiment(), distributed=DistributedConfig(
       initialize="yes", coordinator_address=f"127.0.0.1:{port}", num_processes=2,

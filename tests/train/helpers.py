@@ -79,3 +79,13 @@ def endless_random_batches(batch_size: int, length: int, seed: int = 0):
   while True:
     yield random_batches(1, batch_size, length, seed=seed * 1_000_003 + i)[0]
     i += 1
+
+
+def use_test_compilation_cache() -> None:
+  """Subprocess workers share tests/conftest.py's persistent compilation cache."""
+  import pathlib
+
+  import jax
+  jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(__file__).resolve().parents[2] / ".jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -15,6 +15,9 @@ def main(workdir: str) -> None:
   from glmjax.trainer import (CheckpointConfig, DataConfig, Experiment,  # pylint: disable=import-outside-toplevel
                               OptimizerConfig, TrainerConfig, train)
   from tests.train.helpers import endless_random_batches, tiny_model  # pylint: disable=import-outside-toplevel
+  from tests.train.helpers import use_test_compilation_cache  # pylint: disable=import-outside-toplevel
+
+  use_test_compilation_cache()
 
   experiment = Experiment(
       model=tiny_model(), mesh=MeshConfig(data=1),

@@ -102,3 +102,14 @@ def test_training_stops_after_too_many_non_finite_steps_in_a_row():
                           checkpoint=CheckpointConfig(save_every=0))
   with pytest.raises(NonFiniteLossError, match="non-finite for 2 steps in a row"):
     train(experiment, train_data=lambda: batches)
+
+
+def test_token_ids_outside_the_vocabulary_fail_clearly():
+  batches = random_batches(1, BATCH, LENGTH, seed=9, vocab=100)  # the model has 64 ids
+  experiment = Experiment(model=tiny_model(), mesh=MESH, optimizer=OPTIMIZER,
+                          data=DataConfig(sequence_length=LENGTH, batch_size=BATCH),
+                          trainer=TrainerConfig(num_steps=1, progress_bar=False, eval_at_end=False, plot=False,
+                                                peak_flops_per_device=1e9),
+                          checkpoint=CheckpointConfig(save_every=0))
+  with pytest.raises(ValueError, match=r"batch\['tokens'\] has ids in \[0, 99\] but ModelConfig.vocab_size=64"):
+    train(experiment, train_data=lambda: batches)
