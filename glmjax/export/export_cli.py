@@ -93,7 +93,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     result = exporter.to_huggingface(loaded.params, loaded.config, args.out, tokenizer=tokenizer,
                                      target=args.target, dtype=args.dtype,
                                      max_shard_size=args.max_shard_size)
-  except (ValueError, TypeError, FileNotFoundError) as e:
+  except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
     print(f"glmjax export: {e}", file=sys.stderr)
     return 2
   print(f"glmjax export: step {loaded.step} of {loaded.directory} -> {args.out} as "

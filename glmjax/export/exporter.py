@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 from typing import Any, Optional
 
@@ -138,6 +139,17 @@ def config_json(config: ModelConfig, target: targets.Target, dtype: str, special
   return out
 
 
+WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def remove_previous_export(out_dir: str) -> None:
+  """Weights of an earlier export into the same folder (other shard count) would be mixed with the
+  new ones by a loader; the reference model file would outlive a change of target."""
+  for name in os.listdir(out_dir):
+    if WEIGHT_FILE.fullmatch(name) or name == TORCH_MODEL_FILE:
+      os.remove(os.path.join(out_dir, name))
+
+
 def to_huggingface(params: dict, config: ModelConfig, out_dir: str, *, tokenizer: Any = None,
                    target: str = "auto", dtype: Optional[str] = None,
                    max_shard_size="5GB") -> ExportResult:
@@ -156,6 +168,7 @@ def to_huggingface(params: dict, config: ModelConfig, out_dir: str, *, tokenizer
   if dtype is not None and dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"dtype={dtype!r} must be 'float32', 'bfloat16' or 'float16'")
   os.makedirs(out_dir, exist_ok=True)
+  remove_previous_export(out_dir)
   files = list(safetensors_io.write_sharded(out_dir, pending_tensors(params, config, chosen, dtype),
                                             max_shard_size))
   special = {}

@@ -112,7 +112,11 @@ def bpe_merges(pieces) -> list:
 
 
 def fast_tokenizer_json(proto) -> str:
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  try:
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError("writing tokenizer.json needs the `tokenizers` package (installed with "
+                      "transformers): pip install 'glmjax[torch]', or export with tokenizer=None") from e
   pieces = proto.pieces
   unk_id = proto.trainer_spec.unk_id
   byte_fallback = proto.trainer_spec.byte_fallback

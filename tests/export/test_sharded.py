@@ -94,3 +94,15 @@ def test_bfloat16_export_and_import(tmp_path):
   imported, config = from_huggingface(str(tmp_path / "native"), param_dtype="float32")
   assert config.param_dtype == "float32"
   assert helpers.leaves_equal(imported, rounded)
+
+
+def test_exporting_again_into_the_same_folder_leaves_no_stale_files(tmp_path):
+  params = helpers.perturbed_params(CONFIG)
+  to_huggingface(params, CONFIG, str(tmp_path), target="torch", max_shard_size="30KB")
+  assert (tmp_path / "modeling_glmjax.py").exists()
+  (tmp_path / "notes.txt").write_text("kept")
+  result = to_huggingface(params, CONFIG, str(tmp_path))
+  assert sorted(os.listdir(tmp_path)) == sorted(list(result.files) + ["notes.txt"])
+  tokens = helpers.random_tokens(CONFIG.vocab_size)
+  diff = np.abs(helpers.jax_logits(params, CONFIG, tokens) - helpers.hf_logits(str(tmp_path), tokens))
+  assert diff.max() <= helpers.TOLERANCE
