@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from glmjax.export import from_huggingface, safetensors_io, to_huggingface
-from glmjax.model import ModelConfig, presets
+from glmjax.model import presets
 from tests.export import helpers
 
 GLM = presets.get("tiny-glm")
