@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--max_examples", type=int, default=0, help="per QA task; 0: all")
   p.add_argument("--lm_batches", type=int, default=0, help="per LM task; 0: the whole split")
-  p.add_argument("--unigram_batches", type=int, default=50,
+  p.add_argument("--unigram_batches", type=int, default=200,
                  help="train-split batches counted for the unigram baseline")
   p.add_argument("--length_normalize", action="store_true",
                  help="multiple choice: mean instead of summed option log-probability")

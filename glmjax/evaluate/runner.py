@@ -6,7 +6,8 @@ The kind of evaluation follows from a task's examples:
   teacher-forced NLL, perplexity and token accuracy on the split's Part B
   targets, next to a unigram baseline whose token frequencies come from the
   train split (add-one smoothed; its accuracy always predicts the most
-  frequent token);
+  frequent token); also the entropy of the evaluated targets themselves
+  (`unigram_oracle_nll`, the best any unigram model could do on them);
 * multiple choice (the prompt lists "OPTIONS:\\n- a\\n- b"): each option is
   filled into the prompt's [gMASK] and scored by its summed (optionally
   length-normalised) log-probability; accuracy against `answer`;
@@ -43,7 +44,7 @@ class EvalConfig:
   batch_size: int = 8
   max_examples: int = 0  # QA tasks; 0: the whole split
   lm_batches: int = 0  # LM tasks; 0: the whole split
-  unigram_batches: int = 50  # train-split batches counted for the unigram baseline
+  unigram_batches: int = 200  # train-split batches counted for the unigram baseline
   length_normalize: bool = False
   score_eop: bool = False
   generation: GenerationOptions = GenerationOptions(max_new_tokens=64)
@@ -120,18 +121,20 @@ def evaluate_lm_task(generator, name: str, config: EvalConfig) -> dict:
   logp_unigram = np.log((counts + 1.0) / (counts.sum() + counts.size))
   most_frequent = int(np.argmax(counts))
   totals = scoring.LMTotals()
-  unigram_nll, unigram_hits = 0.0, 0.0
+  evaluated = np.zeros_like(counts)
   with generator.sharding_context():
     for batch in _lm_batches(generator, name, config.split, config, config.lm_batches):
       totals.add(generator.params, generator.config, batch)
       mask = batch["loss_mask"] > 0
-      targets = batch["targets"][mask]
-      unigram_nll -= float(logp_unigram[targets].sum())
-      unigram_hits += float((targets == most_frequent).sum())
+      np.add.at(evaluated, batch["targets"][mask], 1.0)
   result = {"kind": "language_model", **totals.metrics()}
-  n = max(totals.tokens, 1.0)
-  result.update(unigram_nll=unigram_nll / n, unigram_perplexity=math.exp(unigram_nll / n),
-                unigram_accuracy=unigram_hits / n)
+  n = max(evaluated.sum(), 1.0)
+  unigram_nll = -float(evaluated @ logp_unigram) / n
+  seen = evaluated > 0
+  oracle_nll = -float(evaluated[seen] @ np.log(evaluated[seen] / n)) / n
+  result.update(unigram_nll=unigram_nll, unigram_perplexity=math.exp(unigram_nll),
+                unigram_accuracy=float(evaluated[most_frequent]) / n,
+                unigram_oracle_nll=oracle_nll)
   return result
 
 
@@ -265,7 +268,7 @@ def _summary(result: dict) -> str:
   return ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
 
 
-TABLE_METRICS = ("accuracy", "exact_match", "nll", "perplexity", "unigram_nll", "unigram_perplexity",
+TABLE_METRICS = ("accuracy", "exact_match", "nll", "perplexity", "unigram_nll", "unigram_oracle_nll",
                  "unigram_accuracy", "answer_stated")
 
 

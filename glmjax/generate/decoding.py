@@ -177,10 +177,10 @@ def _feed(params, cache, tokens_B, positions_B, blocks_B, live_B, config):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options", "step_rule", "return_logits",
-                                               "on_token", "feed_last"))
+                                               "on_token", "feed_last", "ordered_callback"))
 def sample_continuation(params, cache, chunk, active_B, rng, *, config: ModelConfig,
                         options: GenerationOptions, step_rule=PLAIN_TEXT, return_logits=False,
-                        on_token: Optional[Callable] = None, feed_last=False):
+                        on_token: Optional[Callable] = None, feed_last=False, ordered_callback=True):
   """Greedy or sampled continuation of `chunk` (rows with active=False emit nothing).
 
   With `feed_last`, a row cut at max_new_tokens still feeds its last token to
@@ -217,7 +217,7 @@ def sample_continuation(params, cache, chunk, active_B, rng, *, config: ModelCon
     token = jnp.where(done, options.pad_id, pick(step, s["logits"], s["cache"]))
     stop = ~done & jnp.isin(token, stop_ids)
     if on_token is not None:
-      jax.debug.callback(on_token, step, token, done, ordered=True)
+      jax.debug.callback(on_token, step, token, done, ordered=ordered_callback)
     positions, blocks = s["positions"] + dpos, s["blocks"] + dblock
     now_done = done | stop
     out = dict(s, step=step + 1, done=now_done, finished=s["finished"] | stop,
@@ -352,6 +352,15 @@ def beam_continuation(params, cache, chunk, active_B, *, config: ModelConfig,
 
 # --- Entry point on token ids -----------------------------------------------------------------
 
+def _single_device(tree) -> bool:
+  """JAX orders host callbacks only in single-device computations."""
+  devices = set()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    if isinstance(leaf, jax.Array):
+      devices |= set(leaf.sharding.device_set)
+  return len(devices) <= 1
+
+
 def continue_chunk(params, config: ModelConfig, cache, chunk: dict, active, options: GenerationOptions,
                    *, step_rule=PLAIN_TEXT, return_logits=False, on_token=None, feed_last=False):
   """Runs one prompt chunk and its continuation with the strategy of `options`.
@@ -373,7 +382,8 @@ def continue_chunk(params, config: ModelConfig, cache, chunk: dict, active, opti
   rng = jax.random.key(options.seed)
   tokens, lengths, finished, logits, cache = sample_continuation(
       params, cache, chunk, active, rng, config=config, options=options, step_rule=step_rule,
-      return_logits=return_logits, on_token=on_token, feed_last=feed_last)
+      return_logits=return_logits, on_token=on_token, feed_last=feed_last,
+      ordered_callback=on_token is not None and _single_device(params))
   result = GenerationResult(np.asarray(tokens), np.asarray(lengths), np.asarray(finished),
                             logits=None if logits is None else np.asarray(logits))
   return result, cache
@@ -386,7 +396,9 @@ def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
 
   `prefix_bidirectional` marks the prompts bidirectional (prefix LM / GLM
   Part A without a mask). `on_token(step, tokens [B], done [B])` is called
-  from inside the jitted loop as each token is chosen (streaming).
+  from inside the jitted loop as each token is chosen (streaming); with params
+  sharded over several devices JAX may deliver the calls out of order, so
+  order them by `step`.
   """
   rows = [text_prompt(p, prefix_bidirectional) for p in prompts]
   chunk = left_pad(rows, options.pad_id)

@@ -118,20 +118,24 @@ class TextGenerator:
 
 
 class _Streamer:
-  """Decodes row 0's tokens as they arrive and emits the new text (SentencePiece pieces can
-  change how earlier bytes decode, so the whole prefix is decoded each time)."""
+  """Decodes row 0's tokens as they arrive and emits the new text. Calls are put back in
+  step order (sharded runs may deliver them out of order); SentencePiece pieces can change
+  how earlier bytes decode, so the whole prefix is decoded each time."""
 
   def __init__(self, generator: TextGenerator, emit: Callable[[str], None]):
     self.generator, self.emit = generator, emit
+    self.pending, self.next_step = {}, 0
     self.tokens, self.shown, self.stopped = [], "", False
 
   def on_token(self, step, tokens, done):
-    del step
-    if self.stopped or bool(done[0]):
-      return
-    token = int(tokens[0])
+    self.pending[int(step)] = (int(tokens[0]), bool(done[0]))
+    while self.next_step in self.pending:
+      self._take(*self.pending.pop(self.next_step))
+      self.next_step += 1
+
+  def _take(self, token, done):
     ids = self.generator.ids
-    if token in (ids.eop, ids.eos, ids.user, ids.observation):
+    if self.stopped or done or token in (ids.eop, ids.eos, ids.user, ids.observation):
       self.stopped = True
       return
     self.tokens.append(token)
