@@ -7,7 +7,12 @@ the trainer (and JAX's backends) it does not need.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# TensorFlow (the seqio input pipeline) logs C++ INFO/WARNING lines at import;
+# keep the terminal for the job's own output unless the user asks otherwise.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SUBCOMMANDS = {
     "train": ("glmjax.train", "Train a model from a gin experiment file."),

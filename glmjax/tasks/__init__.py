@@ -31,12 +31,18 @@ into the batch contract (+ segment_ids). get_dataset(...) runs the lot:
 DatasetIterator(dataset) yields numpy dicts and saves/restores its position.
 """
 
-from glmjax.tasks import objectives, formats, sources, synthetic, corpus, vocab  # noqa: F401
-from glmjax.tasks.converter import GLMFeatureConverter
-from glmjax.tasks.pipeline import DatasetIterator, get_dataset
+import tensorflow as _tf
+
+# The input pipeline runs on the host CPU; TensorFlow must not claim the
+# accelerators (or their memory) that JAX trains on.
+_tf.config.set_visible_devices([], "GPU")
+
+from glmjax.tasks import objectives, formats, sources, synthetic, corpus, vocab  # noqa: E402,F401
+from glmjax.tasks.converter import GLMFeatureConverter  # noqa: E402
+from glmjax.tasks.pipeline import DatasetIterator, get_dataset  # noqa: E402
 from glmjax.tasks.registry import (output_features, register_chat_task, register_flan_task,
                                    register_instruction_task, register_text_task, chat_jsonl_source)
-from glmjax.tasks.vocab import default_vocabulary, special_ids
+from glmjax.tasks.vocab import default_vocabulary, special_ids  # noqa: E402
 
 from glmjax.tasks import registry as _registry
 
