@@ -38,7 +38,9 @@ FFN_KINDS = {
 POSITION_KINDS = ("none", "learned", "learned_2d", "sinusoidal", "rope", "rope_2d", "alibi")
 ROPE_LAYOUTS = ("rotate_half", "interleaved")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
+# "auto" / "xla" / "pallas": glmjax.pallas.attention. "dense": glmjax.model.attention, the
+# same math with materialised scores and a recomputing custom VJP (fastest on CPU).
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "dense")
 
 
 @dataclasses.dataclass(frozen=True)

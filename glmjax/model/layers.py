@@ -131,20 +131,32 @@ def shrink_gradient(x, alpha: float):
 
 # --- Feed-forward -----------------------------------------------------------------------------
 
+def matmul_2d(x, w_2d, **kwargs):
+  """x [..., K] @ w [K, N] as one [T, K] x [K, N] matmul, T = prod(leading dims).
+
+  The same math as einsum("...k,kn->...n"), but on XLA CPU the weight gradient
+  of the 2-D form is a plain dot, while the 3-D form ([B, L, K] contracted over
+  B and L) gets a strided transpose fused into it: the MLP's forward + backward
+  ran ~1.7x faster in 2-D on the project's CPU. The reshapes are free (bitcasts).
+  """
+  lead = x.shape[:-1]
+  return jnp.dot(x.reshape(-1, x.shape[-1]), w_2d, **kwargs).reshape(lead + (w_2d.shape[-1],))
+
+
 def dense_ffn(p: dict, x_BLD, activation: str, gated: bool, dtype):
   """FFN(x) = W_down(act(x W_up)) or, gated, W_down(act(x W_gate) * (x W_up))."""
   act = ACTIVATIONS[activation]
-  up = jnp.einsum("bld,df->blf", x_BLD, p["w_up"].astype(dtype))
+  up = matmul_2d(x_BLD, p["w_up"].astype(dtype))
   if "b_up" in p:
     up = up + bcast(p["b_up"].astype(dtype), 3)
   if gated:
-    gate = jnp.einsum("bld,df->blf", x_BLD, p["w_gate"].astype(dtype))
+    gate = matmul_2d(x_BLD, p["w_gate"].astype(dtype))
     if "b_gate" in p:
       gate = gate + bcast(p["b_gate"].astype(dtype), 3)
     hidden = act(gate) * up
   else:
     hidden = act(up)
-  out = jnp.einsum("blf,fd->bld", hidden, p["w_down"].astype(dtype))
+  out = matmul_2d(hidden, p["w_down"].astype(dtype))
   if "b_down" in p:
     out = out + bcast(p["b_down"].astype(dtype), 3)
   return out

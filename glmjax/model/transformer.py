@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from glmjax import pallas
 from glmjax.model import layers
+from glmjax.model.attention import dense_attention
 from glmjax.model.config import ModelConfig
 from glmjax.model.constraints import constrain
 
@@ -109,9 +110,14 @@ def embed(params: dict, batch: dict, config: ModelConfig):
 def project_qkv(p: dict, x_BLD, config: ModelConfig):
   """q [B, L, H, Dh], k/v [B, L, K, Dh] before any position encoding."""
   dtype = x_BLD.dtype
-  q = jnp.einsum("bld,dhk->blhk", x_BLD, p["wq"].astype(dtype))
-  k = jnp.einsum("bld,dhk->blhk", x_BLD, p["wk"].astype(dtype))
-  v = jnp.einsum("bld,dhk->blhk", x_BLD, p["wv"].astype(dtype))
+  B, L, D = x_BLD.shape
+
+  def project(w_DHK):
+    _, heads, head_dim = w_DHK.shape
+    return layers.matmul_2d(x_BLD, w_DHK.astype(dtype).reshape(D, heads * head_dim)).reshape(
+        B, L, heads, head_dim)
+
+  q, k, v = project(p["wq"]), project(p["wk"]), project(p["wv"])
   if "bq" in p:
     q = q + layers.bcast(p["bq"].astype(dtype), 4)
     k = k + layers.bcast(p["bk"].astype(dtype), 4)
@@ -131,7 +137,8 @@ def encode_positions(q, k, ctx: PositionContext, config: ModelConfig):
 
 
 def project_out(p: dict, o_BLHD, config: ModelConfig):
-  out = jnp.einsum("blhk,hkd->bld", o_BLHD, p["wo"].astype(o_BLHD.dtype))
+  B, L, H, K = o_BLHD.shape
+  out = layers.matmul_2d(o_BLHD.reshape(B, L, H * K), p["wo"].astype(o_BLHD.dtype).reshape(H * K, -1))
   if "bo" in p:
     out = out + layers.bcast(p["bo"].astype(o_BLHD.dtype), 3)
   return out
@@ -140,8 +147,12 @@ def project_out(p: dict, o_BLHD, config: ModelConfig):
 def attention_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
   q, k, v = project_qkv(p, x_BLD, config)
   q, k = encode_positions(q, k, ctx, config)
-  o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
-                       alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
+  if config.attention_impl == "dense":
+    o = dense_attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
+                        alibi_slopes=ctx.alibi_slopes)
+  else:
+    o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
+                         alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
   return project_out(p, o, config)
 
 
@@ -229,7 +240,7 @@ def logits_from_hidden(params: dict, x_BLD, config: ModelConfig):
     kernel = params["embed"]["embedding"].astype(x_BLD.dtype).T
   else:
     kernel = params["lm_head"]["kernel"].astype(x_BLD.dtype)
-  logits = jnp.einsum("bld,dv->blv", x_BLD, kernel, preferred_element_type=jnp.float32)
+  logits = layers.matmul_2d(x_BLD, kernel, preferred_element_type=jnp.float32)
   if config.lm_head_bias:
     logits = logits + layers.bcast(params["lm_head"]["bias"].astype(jnp.float32), 3)
   return logits.astype(jnp.float32)
