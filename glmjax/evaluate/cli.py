@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--module", action="append", default=[],
                  help="Python module to import first (registers your tasks)")
   p.add_argument("--output", default=None, help="write the results as JSON here")
-  p.add_argument("--sequence_length", type=int, default=0, help="row length (default: the model's)")
+  p.add_argument("--sequence_length", type=int, default=0,
+                 help="row length (default: the training rows', within the model's max_length)")
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--max_examples", type=int, default=0, help="per QA task; 0: all")
   p.add_argument("--lm_batches", type=int, default=0, help="per LM task; 0: the whole split")
@@ -56,7 +57,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       raise ValueError(f"--batch_size {args.batch_size} must be a multiple of the mesh's "
                        f"{generator.batch_multiple} batch shards")
     config = runner.EvalConfig(
-        split=args.split, sequence_length=args.sequence_length, batch_size=args.batch_size,
+        split=args.split, batch_size=args.batch_size,
+        sequence_length=args.sequence_length or min(loaded.experiment.data.sequence_length,
+                                                    loaded.config.max_length),
         max_examples=args.max_examples, lm_batches=args.lm_batches,
         unigram_batches=args.unigram_batches, length_normalize=args.length_normalize,
         score_eop=args.score_eop, generation=options_from_args(args))

@@ -64,6 +64,20 @@ def stack_rows(rows: Sequence[dict], length: int, batch_size: int) -> dict:
   return batch
 
 
+def check_positions(batch: dict, config: ModelConfig) -> None:
+  """Learned position tables have max_length rows; a larger id would read past the table
+  (jnp.take fills with NaN), so it is refused here with the fix."""
+  if not config.uses_learned_positions:
+    return
+  keys = ("positions", "block_positions") if config.position == "learned_2d" else ("positions",)
+  for key in keys:
+    largest = int(np.max(batch[key])) if key in batch else 0
+    if largest >= config.max_length:
+      raise ValueError(f"batch {key} reach {largest}, past the model's learned table of "
+                       f"ModelConfig.max_length={config.max_length} ids; use shorter rows "
+                       f"(--sequence_length {config.max_length - 1} or less)")
+
+
 def _batches(rows: Sequence[dict], batch_size: int) -> Iterator[tuple[int, list]]:
   for start in range(0, len(rows), batch_size):
     yield start, list(rows[start:start + batch_size])
@@ -84,6 +98,7 @@ def score_rows(params, config: ModelConfig, rows: Sequence[dict], *, batch_size:
   out = []
   for _, chunk in _batches(rows, batch_size):
     batch = stack_rows(chunk, length, batch_size)
+    check_positions(batch, config)
     logp, hit = jax.device_get(_target_scores(params, {k: jnp.asarray(v) for k, v in batch.items()},
                                               config))
     mask = batch["loss_mask"] > 0
@@ -198,6 +213,7 @@ def cloze(params, config: ModelConfig, contexts: Sequence[Sequence[int]],
   out = []
   for start, chunk in _batches(rows, batch_size):
     batch = stack_rows(chunk, length, batch_size)
+    check_positions(batch, config)
     where = np.zeros(batch_size, np.int32)
     where[:len(chunk)] = index[start:start + len(chunk)]
     logp = np.asarray(_logprobs_at(params, {k: jnp.asarray(v) for k, v in batch.items()},
@@ -217,6 +233,7 @@ class LMTotals:
 
   def add(self, params, config: ModelConfig, batch: dict) -> None:
     """Adds one batch of the batch contract (numpy, with targets and loss_mask)."""
+    check_positions(batch, config)
     keys = ("tokens", "targets", "segment_ids", "positions", "block_positions", "bidirectional")
     device = {k: jnp.asarray(batch[k]) for k in keys if k in batch}
     logp, hit = jax.device_get(_target_scores(params, device, config))
