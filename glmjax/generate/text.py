@@ -73,6 +73,8 @@ class TextGenerator:
       on_token = None
     ids = self.ids
     n = len(encoded)
+    options = dataclasses.replace(options, stop_ids=tuple(dict.fromkeys(
+        (ids.eop, ids.eos) + options.stop_ids)))
     with self.sharding_context():
       if mode == "blank":
         fills = glm.fill_blanks(self.params, self.config, self.pad_batch(encoded),
@@ -89,8 +91,6 @@ class TextGenerator:
           part_bs = [[ids.sop]] * n
         else:
           part_as, masks, part_bs = [[]] * n, [0] * n, [[ids.sop] + t for t in encoded]
-        options = dataclasses.replace(options, stop_ids=tuple(dict.fromkeys(
-            (ids.eop,) + options.stop_ids)))
         result = glm.continue_glm(self.params, self.config, self.pad_batch(part_as),
                                   self.pad_batch(part_bs), self.pad_batch(masks), options,
                                   convention=self.convention, on_token=on_token)
