@@ -1,0 +1,283 @@
+#!/usr/bin/env python3
+"""Train-step throughput on the peer workload "llama-small" (../shared/bench/README.md).
+
+    python benchmarks/train_throughput.py                # one round, ~3-4 minutes on 2 cores
+    python benchmarks/train_throughput.py --rounds 2     # alternate the implementations twice
+
+In one run, each in its own process, one after the other:
+  matmul peak  ../shared/bench/matmul_peak.py (JAX and torch float32 2048^3)
+  glmjax       glmjax.trainer.TrainProgram: the trainer's jitted, sharded, donated step
+               (llama-small preset, AdamW, clipping; fresh random tokens each step)
+  hf_eager     ../shared/bench/hf_llama_train.py --configs eager:fp32:mkldef
+  plain_jax    a plain jitted JAX LLaMA step in this file (Python loop over layers,
+               einsum attention, optax AdamW): what a user would write first
+Every implementation trains the same shape (vocab 8192, d 512, 8 layers, 8 heads,
+4 kv heads, SwiGLU 1408, seq 512, batch 8 = 4096 tokens/step) in float32 with AdamW
+(lr 3e-4, b=(0.9, 0.95), wd 0.1, clip 1.0). FLOPs/token = 6N + 12*layers*d*seq
+(N without the input embedding). Reported: median step time over the timed steps,
+tokens/s, MFU against the run's JAX and torch matmul peaks, and the ratio to HF eager.
+The last line is `RESULT_JSON: {...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEERS = os.path.join(os.path.dirname(REPO), "shared", "bench")
+VOCAB, D, LAYERS, HEADS, KV, HEAD_DIM, FFN, SEQ, BATCH = 8192, 512, 8, 8, 4, 64, 1408, 512, 8
+TOKENS = BATCH * SEQ
+
+
+def flops_per_token() -> float:
+  attn = D * HEADS * HEAD_DIM * 2 + D * KV * HEAD_DIM * 2
+  per_layer = attn + 3 * D * FFN + 2 * D
+  n_matmul = LAYERS * per_layer + D + D * VOCAB
+  return 6.0 * n_matmul + 12.0 * LAYERS * HEADS * HEAD_DIM * SEQ
+
+
+def result_line(payload: dict) -> None:
+  print("RESULT_JSON: " + json.dumps(payload), flush=True)
+
+
+def parse_result(output: str) -> dict:
+  lines = [l for l in output.splitlines() if l.startswith("RESULT_JSON: ")]
+  if not lines:
+    raise RuntimeError("no RESULT_JSON in output:\n" + "\n".join(output.splitlines()[-30:]))
+  return json.loads(lines[-1][len("RESULT_JSON: "):])
+
+
+def run(cmd: list, env=None) -> dict:
+  proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n" + "\n".join(proc.stdout.splitlines()[-30:]))
+  return parse_result(proc.stdout)
+
+
+# --- children ---------------------------------------------------------------------------------
+
+def _time_steps(step, warmup: int, steps: int):
+  """Runs warmup + steps calls of step(i) -> float(loss); an in-run 2048^3 JAX matmul reference
+  after each one sees the same contention as the step."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda x: x @ x)
+  mm(a).block_until_ready()
+
+  def ref():
+    times = []
+    for _ in range(3):
+      t0 = time.perf_counter()
+      mm(a).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    return 2.0 * 2048**3 / statistics.median(times) / 1e9
+
+  times, losses, refs = [], [], []
+  for i in range(warmup + steps):
+    t0 = time.perf_counter()
+    losses.append(step(i))
+    times.append(time.perf_counter() - t0)
+    refs.append(ref())
+  return times, losses, refs
+
+
+def _summary(impl: str, times, losses, refs, warmup: int, extra: dict) -> dict:
+  timed = times[warmup:]
+  med = statistics.median(timed)
+  achieved = flops_per_token() * TOKENS / med / 1e9
+  ref = statistics.median(refs[warmup:])
+  return dict(impl=impl, step_median_s=med, step_min_s=min(timed), step_times=timed, warmup_times=times[:warmup],
+              tokens_per_s=TOKENS / med, achieved_gflops=achieved, ref_gflops=ref, mfu_vs_inrun_ref=achieved / ref,
+              loss_first=losses[0], loss_last=losses[-1], loadavg=os.getloadavg(), **extra)
+
+
+def random_tokens(i: int):
+  import numpy as np
+  return np.random.default_rng(1234 + i).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
+
+
+def child_glmjax(args) -> None:
+  sys.path.insert(0, REPO)
+  import jax
+  import numpy as np
+
+  from glmjax.model import presets
+  from glmjax.sharding import MeshConfig
+  from glmjax.trainer import OptimizerConfig, StepConfig, TrainProgram
+  from glmjax.trainer.metrics import flops_per_token as glmjax_flops
+
+  config = dataclasses.replace(presets.get("llama-small"), remat_policy=args.remat, attention_impl=args.attention)
+  assert abs(glmjax_flops(config, SEQ) - flops_per_token()) < 1.0, "FLOPs formula differs from the peers'"
+  optimizer = OptimizerConfig(learning_rate=3e-4, schedule="constant", b1=0.9, b2=0.95, eps=1e-8,
+                              weight_decay=0.1, grad_clip_norm=1.0)
+  program = TrainProgram(config, optimizer, MeshConfig(data=1), num_steps=1000, global_batch_size=BATCH,
+                         step_config=StepConfig(), devices=jax.devices()[:1])
+  t0 = time.perf_counter()
+  state = {"s": program.init_state(0)}
+  init_s = time.perf_counter() - t0
+
+  def step(i):
+    tokens = random_tokens(i)
+    host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((BATCH, SEQ), np.float32)}
+    state["s"], metrics = program.train_step(state["s"], program.global_batch(host))
+    return float(metrics["loss"])
+
+  times, losses, refs = _time_steps(step, args.warmup, args.steps)
+  result_line(_summary("glmjax", times, losses, refs, args.warmup,
+                       dict(remat=args.remat, attention=args.attention, init_s=init_s,
+                            xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)))
+
+
+def plain_jax_model():
+  """A LLaMA train step as one would first write it in JAX (no scan, no remat, 3-D einsums)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  def init(key):
+    keys = iter(jax.random.split(key, 4 + 7 * LAYERS))
+    normal = lambda shape: 0.02 * jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+    layers = [dict(wq=normal((D, HEADS, HEAD_DIM)), wk=normal((D, KV, HEAD_DIM)), wv=normal((D, KV, HEAD_DIM)),
+                   wo=normal((HEADS, HEAD_DIM, D)), w_gate=normal((D, FFN)), w_up=normal((D, FFN)),
+                   w_down=normal((FFN, D)), attn_norm=jnp.ones((D,)), mlp_norm=jnp.ones((D,)))
+              for _ in range(LAYERS)]
+    return dict(embed=normal((VOCAB, D)), layers=layers, final_norm=jnp.ones((D,)), lm_head=normal((D, VOCAB)))
+
+  def rms(x, w):
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-5) * w
+
+  def rope(x):
+    half = HEAD_DIM // 2
+    inv = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    ang = jnp.arange(SEQ, dtype=jnp.float32)[:, None] * inv[None, :]
+    cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+  def loss_fn(params, tokens, targets):
+    x = params["embed"][tokens]
+    causal = jnp.tril(jnp.ones((SEQ, SEQ), bool))
+    for p in params["layers"]:
+      h = rms(x, p["attn_norm"])
+      q = rope(jnp.einsum("bld,dhk->blhk", h, p["wq"]))
+      k = rope(jnp.einsum("bld,dhk->blhk", h, p["wk"]))
+      v = jnp.einsum("bld,dhk->blhk", h, p["wv"])
+      k, v = jnp.repeat(k, HEADS // KV, axis=2), jnp.repeat(v, HEADS // KV, axis=2)
+      s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(HEAD_DIM).astype(jnp.float32)
+      s = jnp.where(causal[None, None], s, -1e30)
+      o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, axis=-1), v)
+      x = x + jnp.einsum("blhk,hkd->bld", o, p["wo"])
+      h = rms(x, p["mlp_norm"])
+      x = x + jnp.einsum("blf,fd->bld", jax.nn.silu(jnp.einsum("bld,df->blf", h, p["w_gate"]))
+                         * jnp.einsum("bld,df->blf", h, p["w_up"]), p["w_down"])
+    logits = jnp.einsum("bld,dv->blv", rms(x, params["final_norm"]), params["lm_head"])
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1))
+
+  @jax.jit
+  def train_step(params, opt_state, tokens, targets):
+    loss, grads = jax.value_and_grad(loss_fn)(params, tokens, targets)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return init, optimizer, train_step
+
+
+def child_plain_jax(args) -> None:
+  import jax
+  init, optimizer, train_step = plain_jax_model()
+  params = init(jax.random.PRNGKey(0))
+  state = {"p": params, "o": optimizer.init(params)}
+
+  def step(i):
+    tokens = random_tokens(i)
+    state["p"], state["o"], loss = train_step(state["p"], state["o"], tokens[:, :-1], tokens[:, 1:])
+    return float(loss)
+
+  times, losses, refs = _time_steps(step, args.warmup, args.steps)
+  result_line(_summary("plain_jax", times, losses, refs, args.warmup, dict(jax=jax.__version__)))
+
+
+# --- driver -----------------------------------------------------------------------------------
+
+def measure(impl: str, args, peak_jax: float) -> dict:
+  me = [sys.executable, os.path.abspath(__file__), "--warmup", str(args.warmup), "--steps", str(args.steps)]
+  if impl == "glmjax":
+    return run(me + ["--child", "glmjax", "--remat", args.remat, "--attention", args.attention])
+  if impl == "plain_jax":
+    return run(me + ["--child", "plain_jax"])
+  if impl == "hf_eager":
+    r = run([sys.executable, os.path.join(PEERS, "hf_llama_train.py"), "--configs", "eager:fp32:mkldef",
+             "--warmup", str(args.warmup), "--steps", str(args.steps), "--peak-gflops", f"{peak_jax:.1f}"])
+    r["impl"] = "hf_eager"
+    return r
+  raise ValueError(impl)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--warmup", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=5)
+  parser.add_argument("--impls", nargs="+", default=["glmjax", "hf_eager", "plain_jax"])
+  parser.add_argument("--remat", default="none", help="glmjax ModelConfig.remat_policy")
+  parser.add_argument("--attention", default="dense", help="glmjax ModelConfig.attention_impl")
+  parser.add_argument("--child", choices=["glmjax", "plain_jax"], help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.child == "glmjax":
+    return child_glmjax(args)
+  if args.child == "plain_jax":
+    return child_plain_jax(args)
+
+  t_start = time.perf_counter()
+  load_start = os.getloadavg()
+  print(f"load average at start: {load_start}", flush=True)
+  peak = run([sys.executable, os.path.join(PEERS, "matmul_peak.py"), "--sizes", "2048", "--dtypes", "float32",
+              "--min-time", "2"])
+  by_fw = {r["framework"]: r["gflops_median"] for r in peak["results"]}
+  peak_jax, peak_torch = by_fw["jax"], by_fw["torch"]
+  print(f"matmul peak float32: jax {peak_jax:.0f} GFLOP/s, torch {peak_torch:.0f} GFLOP/s", flush=True)
+  results = {impl: [] for impl in args.impls}
+  for round_index in range(args.rounds):
+    order = args.impls if round_index % 2 == 0 else list(reversed(args.impls))
+    for impl in order:
+      r = measure(impl, args, peak_jax)
+      results[impl].append(r)
+      print(f"round {round_index}: {impl:10s} {r['tokens_per_s']:7.1f} tokens/s, step {r['step_median_s']:.2f} s "
+            f"(load {os.getloadavg()[0]:.1f})", flush=True)
+
+  fpt = flops_per_token()
+  rows = {}
+  for impl, runs in results.items():
+    tps = statistics.median(r["tokens_per_s"] for r in runs)
+    rows[impl] = dict(tokens_per_s=tps, step_s=TOKENS / tps, mfu_jax_peak=fpt * tps / 1e9 / peak_jax,
+                      mfu_torch_peak=fpt * tps / 1e9 / peak_torch,
+                      mfu_inrun_ref=statistics.median(r["mfu_vs_inrun_ref"] for r in runs), runs=len(runs))
+  base = rows.get("hf_eager", {}).get("tokens_per_s")
+  print(f"\nFLOPs/token {fpt / 1e6:.1f} M; {TOKENS} tokens/step; matmul peak jax {peak_jax:.0f}, "
+        f"torch {peak_torch:.0f} GFLOP/s; load {load_start[0]:.1f} -> {os.getloadavg()[0]:.1f}")
+  print("| implementation | tokens/s | step (s) | MFU vs JAX matmul peak | MFU vs torch matmul peak "
+        "| MFU vs in-run matmul | vs HF eager |")
+  print("|---|---|---|---|---|---|---|")
+  for impl, row in rows.items():
+    ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else "-"
+    print(f"| {impl} | {row['tokens_per_s']:.0f} | {row['step_s']:.2f} | {100 * row['mfu_jax_peak']:.0f}% "
+          f"| {100 * row['mfu_torch_peak']:.0f}% | {100 * row['mfu_inrun_ref']:.0f}% | {ratio} |")
+  print(f"total wall {time.perf_counter() - t_start:.0f} s")
+  result_line(dict(flops_per_token=fpt, tokens_per_step=TOKENS, peak_jax_gflops=peak_jax,
+                   peak_torch_gflops=peak_torch, rows=rows, runs=results, loadavg_start=load_start,
+                   loadavg_end=os.getloadavg(), remat=args.remat, attention=args.attention))
+
+
+if __name__ == "__main__":
+  main()
