@@ -107,7 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   last = next((r for r in reversed(result.records) if r.get("kind") == "train"), None)
   summary = f"glmjax train: {result.status} at step {result.step}"
   if last is not None:
-    summary += f", loss {last['loss']:.4f}"
+    summary += f", train loss {last['loss']:.4f}"
+  last_eval = next((r for r in reversed(result.records) if r.get("kind") == "eval"), None)
+  if last_eval is not None:
+    summary += f", eval loss {last_eval['eval_loss']:.4f}"
   if args.workdir:
     summary += f"; outputs in {args.workdir}"
   print(summary)
