@@ -230,7 +230,8 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--impls", nargs="+", default=["glmjax", "hf_eager", "plain_jax"])
-  parser.add_argument("--remat", default="none", help="glmjax ModelConfig.remat_policy")
+  parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable",
+                      help="glmjax ModelConfig.remat_policy (save matmul outputs, recompute the rest)")
   parser.add_argument("--attention", default="dense", help="glmjax ModelConfig.attention_impl")
   parser.add_argument("--child", choices=["glmjax", "plain_jax"], help=argparse.SUPPRESS)
   args = parser.parse_args()
