@@ -131,9 +131,61 @@ def child_glmjax(args) -> None:
     return float(metrics["loss"])
 
   times, losses, refs = _time_steps(step, args.warmup, args.steps)
-  result_line(_summary("glmjax", times, losses, refs, args.warmup,
-                       dict(remat=args.remat, attention=args.attention, init_s=init_s,
-                            xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)))
+  extra = dict(remat=args.remat, attention=args.attention, init_s=init_s,
+               xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)
+  if args.profile:
+    tokens = random_tokens(0)
+    host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((BATCH, SEQ), np.float32)}
+    batch = program.global_batch(host)
+    with program.sharding_context():
+      hlo = program._step.lower(program.abstract_state(), batch).compile().as_text()  # pylint: disable=protected-access
+    extra["profile"] = profile_breakdown(lambda: step(args.warmup + args.steps), hlo)
+  result_line(_summary("glmjax", times, losses, refs, args.warmup, extra))
+
+
+PROFILE_CATEGORIES = ("matmul: projections, MLP, logits", "matmul: attention (batched, K=64)",
+                      "attention softmax / mask (L x L elementwise)", "scan residuals (stack, slice, zero-fill)",
+                      "other (norms, RoPE, SwiGLU, loss, optimizer, copies)")
+
+
+def _category(name: str, hlo: str) -> str:
+  import re
+  match = re.search(r"\n\s*(?:ROOT )?%" + re.escape(name) + r" = \(?\w+\[([\d,]*)\]", hlo)
+  dims = [int(d) for d in match.group(1).split(",") if d] if match else []
+  if name.startswith(("ynn_fusion", "dot")):
+    return PROFILE_CATEGORIES[1] if len(dims) >= 4 else PROFILE_CATEGORIES[0]
+  if any(key in name for key in ("dynamic-update-slice", "dynamic-slice", "wrapped_broadcast")):
+    return PROFILE_CATEGORIES[3]
+  if len(dims) >= 4 and dims[-1] == SEQ and dims[-2] in (SEQ, SEQ * HEADS // KV):
+    return PROFILE_CATEGORIES[2]
+  return PROFILE_CATEGORIES[4]
+
+
+def profile_breakdown(step, hlo: str) -> dict:
+  """Per-category share of XLA op time in one traced step (jax.profiler, CPU thunk events)."""
+  import collections
+  import glob
+  import tempfile
+  import jax
+  with tempfile.TemporaryDirectory() as trace_dir:
+    jax.profiler.start_trace(trace_dir)
+    t0 = time.perf_counter()
+    step()
+    wall = time.perf_counter() - t0
+    jax.profiler.stop_trace()
+    data = jax.profiler.ProfileData.from_file(glob.glob(trace_dir + "/**/*.xplane.pb", recursive=True)[0])
+  seconds = collections.Counter()
+  for plane in data.planes:
+    for line in plane.lines:
+      if line.name == "python":
+        continue
+      for event in line.events:
+        if event.name.startswith(("Thunk", "Slinky", "end:", "ThreadpoolListener")):
+          continue
+        seconds[_category(event.name, hlo)] += event.duration_ns / 1e9
+  total = sum(seconds.values())
+  return {"wall_s": wall, "op_seconds": total,
+          "share": {c: seconds[c] / total for c in PROFILE_CATEGORIES}}
 
 
 def plain_jax_model():
@@ -213,7 +265,8 @@ def child_plain_jax(args) -> None:
 def measure(impl: str, args, peak_jax: float) -> dict:
   me = [sys.executable, os.path.abspath(__file__), "--warmup", str(args.warmup), "--steps", str(args.steps)]
   if impl == "glmjax":
-    return run(me + ["--child", "glmjax", "--remat", args.remat, "--attention", args.attention])
+    return run(me + ["--child", "glmjax", "--remat", args.remat, "--attention", args.attention]
+               + (["--profile"] if args.profile else []))
   if impl == "plain_jax":
     return run(me + ["--child", "plain_jax"])
   if impl == "hf_eager":
@@ -233,6 +286,8 @@ def main() -> None:
   parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable",
                       help="glmjax ModelConfig.remat_policy (save matmul outputs, recompute the rest)")
   parser.add_argument("--attention", default="dense", help="glmjax ModelConfig.attention_impl")
+  parser.add_argument("--profile", action="store_true",
+                      help="also trace one glmjax step and print where its XLA op time goes")
   parser.add_argument("--child", choices=["glmjax", "plain_jax"], help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child == "glmjax":
@@ -274,6 +329,11 @@ def main() -> None:
     ratio = f"{row['tokens_per_s'] / base:.2f}x" if base else "-"
     print(f"| {impl} | {row['tokens_per_s']:.0f} | {row['step_s']:.2f} | {100 * row['mfu_jax_peak']:.0f}% "
           f"| {100 * row['mfu_torch_peak']:.0f}% | {100 * row['mfu_inrun_ref']:.0f}% | {ratio} |")
+  profiles = [r["profile"] for r in results.get("glmjax", []) if "profile" in r]
+  if profiles:
+    print("\nglmjax step, share of XLA op time (one traced step):")
+    for category in PROFILE_CATEGORIES:
+      print(f"| {category} | {100 * statistics.median(p['share'][category] for p in profiles):.0f}% |")
   print(f"total wall {time.perf_counter() - t_start:.0f} s")
   result_line(dict(flops_per_token=fpt, tokens_per_step=TOKENS, peak_jax_gflops=peak_jax,
                    peak_torch_gflops=peak_torch, rows=rows, runs=results, loadavg_start=load_start,
