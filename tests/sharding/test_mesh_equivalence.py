@@ -12,8 +12,8 @@ STEPS, BATCH, LENGTH = 3, 8, 16
 OPTIMIZER = OptimizerConfig(learning_rate=3e-3, schedule="constant", weight_decay=0.1, grad_clip_norm=1.0)
 
 
-def run(mesh_config, devices=None):
-  program = TrainProgram(tiny_model(), OPTIMIZER, mesh_config, num_steps=STEPS, global_batch_size=BATCH,
+def run(mesh_config, devices=None, attention_impl="xla"):
+  program = TrainProgram(tiny_model(attention_impl=attention_impl), OPTIMIZER, mesh_config, num_steps=STEPS, global_batch_size=BATCH,
                          step_config=StepConfig(z_loss=1e-4), devices=devices)
   state = program.init_state(seed=0)
   losses = []
@@ -33,14 +33,15 @@ def single_device():
   return losses, params
 
 
-@pytest.mark.parametrize("mesh_config, wq_spec", [
-    (MeshConfig(data=8), (None, None, None, None)),
-    (MeshConfig(data=1, fsdp=8), (None, "fsdp", None, None)),
-    (MeshConfig(data=2, fsdp=2, tensor=2), (None, "fsdp", "tensor", None)),
-], ids=["data8", "fsdp8", "data2_fsdp2_tensor2"])
-def test_sharded_steps_match_one_device(single_device, mesh_config, wq_spec):
+@pytest.mark.parametrize("mesh_config, wq_spec, attention_impl", [
+    (MeshConfig(data=8), (None, None, None, None), "xla"),
+    (MeshConfig(data=1, fsdp=8), (None, "fsdp", None, None), "xla"),
+    (MeshConfig(data=2, fsdp=2, tensor=2), (None, "fsdp", "tensor", None), "xla"),
+    (MeshConfig(data=2, fsdp=2, tensor=2), (None, "fsdp", "tensor", None), "dense"),
+], ids=["data8", "fsdp8", "data2_fsdp2_tensor2", "data2_fsdp2_tensor2_dense_attention"])
+def test_sharded_steps_match_one_device(single_device, mesh_config, wq_spec, attention_impl):
   ref_losses, ref_params = single_device
-  program, losses, state = run(mesh_config)
+  program, losses, state = run(mesh_config, attention_impl=attention_impl)
   wq = state["params"]["layers"]["attn"]["wq"]
   assert tuple(wq.sharding.spec) == wq_spec
   assert len(wq.sharding.device_set) == 8
