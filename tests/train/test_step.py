@@ -113,3 +113,13 @@ def test_token_ids_outside_the_vocabulary_fail_clearly():
                           checkpoint=CheckpointConfig(save_every=0))
   with pytest.raises(ValueError, match=r"batch\['tokens'\] has ids in \[0, 99\] but ModelConfig.vocab_size=64"):
     train(experiment, train_data=lambda: batches)
+
+
+def test_moe_auxiliary_loss_is_added():
+  """loss = cross-entropy + router_aux_loss_weight * (Switch load-balancing loss)."""
+  config = tiny_model(num_experts=4, experts_top_k=2, router_aux_loss_weight=0.5, num_kv_heads=2)
+  prog = TrainProgram(config, OPTIMIZER, MeshConfig(data=-1, expert=2), num_steps=1, global_batch_size=8)
+  _, m = prog.train_step(prog.init_state(0), random_batches(1, 8, LENGTH, seed=10)[0])
+  m = jax.device_get(m)
+  assert 0.5 < float(m["moe_aux_loss"]) < 4.0  # E * sum f_e P_e is 1 when perfectly balanced
+  np.testing.assert_allclose(m["loss"], m["cross_entropy"] + 0.5 * m["moe_aux_loss"], rtol=1e-6)
