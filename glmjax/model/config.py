@@ -38,9 +38,10 @@ FFN_KINDS = {
 POSITION_KINDS = ("none", "learned", "learned_2d", "sinusoidal", "rope", "rope_2d", "alibi")
 ROPE_LAYOUTS = ("rotate_half", "interleaved")
 DTYPES = ("float32", "bfloat16", "float16")
-# "auto" / "xla" / "pallas": glmjax.pallas.attention. "dense": glmjax.model.attention, the
-# same math with materialised scores and a recomputing custom VJP (fastest on CPU).
-ATTENTION_IMPLS = ("auto", "xla", "pallas", "dense")
+# glmjax.pallas.attention implementations: "xla" the plain reference, "dense" the same math
+# with a recomputing custom VJP (fastest on CPU), "pallas" the tiled flash kernels,
+# "auto" dense on CPU and pallas on TPU / GPU.
+ATTENTION_IMPLS = ("auto", "xla", "dense", "pallas")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ class ModelConfig:
   qkv_bias: bool = False
   attn_out_bias: bool = False
   mlp_bias: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
 
   # Positions.
   position: str = "rope"

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from glmjax import pallas
 from glmjax.model import layers
-from glmjax.model.attention import dense_attention
 from glmjax.model.config import ModelConfig
 from glmjax.model.constraints import constrain
 
@@ -147,12 +146,8 @@ def project_out(p: dict, o_BLHD, config: ModelConfig):
 def attention_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
   q, k, v = project_qkv(p, x_BLD, config)
   q, k = encode_positions(q, k, ctx, config)
-  if config.attention_impl == "dense":
-    o = dense_attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
-                        alibi_slopes=ctx.alibi_slopes)
-  else:
-    o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
-                         alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
+  o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
+                       alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
   return project_out(p, o, config)
 
 

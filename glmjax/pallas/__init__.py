@@ -3,9 +3,11 @@
 `attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="auto")`
 with q [b, l, heads, d] and k/v [b, l, kv_heads, d].
 
-impl: "xla" the reference (materialises scores, O(L^2) memory); "pallas" the
-tiled flash kernels of glmjax.pallas.flash (O(L) memory; Mosaic on TPU, Triton
-on GPU, interpret mode on CPU); "auto" pallas on TPU and GPU, xla on CPU.
+impl: "xla" the plain reference (materialises scores, O(L^2) memory, autodiff);
+"dense" the same math with a recomputing custom VJP (glmjax.pallas.dense,
+fastest on CPU); "pallas" the tiled flash kernels of glmjax.pallas.flash
+(O(L) memory; Mosaic on TPU, Triton on GPU, interpret mode on CPU);
+"auto" pallas on TPU and GPU, dense on CPU.
 `decode_attention` serves a few new queries against a KV cache.
 """
 
@@ -16,9 +18,10 @@ import functools
 import jax
 
 from glmjax.pallas.decode import decode_attention, segment_ids_from_lengths
+from glmjax.pallas.dense import dense_attention
 from glmjax.pallas.reference import alibi_bias, attention_mask, attention_reference, masked_attention
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = ("auto", "xla", "dense", "pallas")
 
 
 def resolve_impl(impl: str, platform: str | None = None) -> str:
@@ -26,7 +29,7 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
   if impl not in IMPLS:
     raise ValueError(f"attention impl={impl!r} is not one of {IMPLS}")
   if impl == "auto":
-    return "xla" if (platform or jax.default_backend()) == "cpu" else "pallas"
+    return "dense" if (platform or jax.default_backend()) == "cpu" else "pallas"
   return impl
 
 
@@ -42,6 +45,9 @@ def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="a
     if impl == "xla":
       return attention_reference(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
                                  alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"))
+    if impl == "dense":
+      return dense_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
+                             alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"))
     from glmjax.pallas import flash  # pylint: disable=import-outside-toplevel
     from glmjax.pallas.partitioning import shard_kernel  # pylint: disable=import-outside-toplevel
 
@@ -54,9 +60,10 @@ def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="a
   args = (q, k, v, segment_ids, bidirectional, alibi_slopes)
   if resolve_impl(impl) == impl:
     return run(impl, *args)
-  return jax.lax.platform_dependent(*args, cpu=functools.partial(run, "xla"),
+  return jax.lax.platform_dependent(*args, cpu=functools.partial(run, "dense"),
                                     default=functools.partial(run, "pallas"))
 
 
 __all__ = ["attention", "attention_reference", "attention_mask", "alibi_bias", "decode_attention",
+           "dense_attention",
            "masked_attention", "resolve_impl", "segment_ids_from_lengths", "IMPLS"]

@@ -1,7 +1,10 @@
 """Checkpoints: exact resume (losses, params, data position) and shape-mismatch errors."""
 
+import contextlib
 import dataclasses
+import glob
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -32,6 +35,22 @@ def losses(workdir):
           if r["kind"] == "train"}
 
 
+@contextlib.contextmanager
+def counting_skips(calls):
+  """Records every `tf.data.Dataset.skip(count)` (the replay resume's only way to move ahead)."""
+  import tensorflow as tf
+  original = tf.data.Dataset.skip
+
+  def skip(self, count, name=None):
+    calls.append(int(count))
+    return original(self, count, name=name)
+  tf.data.Dataset.skip = skip
+  try:
+    yield calls
+  finally:
+    tf.data.Dataset.skip = original
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   with synthetic_task() as task:
@@ -39,23 +58,53 @@ def runs(tmp_path_factory):
     straight = train(experiment(task, STEPS), straight_dir)
     split_dir = str(tmp_path_factory.mktemp("split"))
     first = train(experiment(task, STEPS // 2), split_dir)
-    second = train(experiment(task, STEPS), split_dir)
-  return straight, first, second
+    # The same first leg as a checkpoint from before iterator states: it must resume by replay.
+    replay_dir = str(tmp_path_factory.mktemp("replay") / "run")
+    shutil.copytree(split_dir, replay_dir)
+    for state_dir in glob.glob(os.path.join(replay_dir, "checkpoints", "*", "data_iterator")):
+      shutil.rmtree(state_dir)
+    with counting_skips([]) as second_skips:
+      second = train(experiment(task, STEPS), split_dir)
+    with counting_skips([]) as replay_skips:
+      replayed = train(experiment(task, STEPS), replay_dir)
+  return straight, first, second, dict(second=second_skips, replayed=replayed, replay_skips=replay_skips)
 
 
-def test_resumed_run_matches_the_uninterrupted_one(runs):
-  straight, first, second = runs
-  assert first.resumed_from is None and first.step == STEPS // 2
-  assert second.resumed_from == STEPS // 2 and second.step == STEPS
-  want, got = losses(straight.workdir), losses(second.workdir)
+def assert_same_run(want_result, got_result):
+  want, got = losses(want_result.workdir), losses(got_result.workdir)
   assert sorted(want) == sorted(got) == list(range(1, STEPS + 1))
   assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bitwise, every step
-  for a, b in zip(jax.tree.leaves(jax.device_get(straight.state)), jax.tree.leaves(jax.device_get(second.state))):
+  for a, b in zip(jax.tree.leaves(jax.device_get(want_result.state)),
+                  jax.tree.leaves(jax.device_get(got_result.state))):
     np.testing.assert_array_equal(a, b)
 
 
+def test_resumed_run_matches_the_uninterrupted_one(runs):
+  straight, first, second, _ = runs
+  assert first.resumed_from is None and first.step == STEPS // 2
+  assert second.resumed_from == STEPS // 2 and second.step == STEPS
+  assert_same_run(straight, second)
+
+
+def test_tf_data_resume_restores_the_iterator_state_without_replay(runs):
+  _, _, second, extra = runs
+  for step in (16, STEPS):  # the kept checkpoints (step 10, resumed from, is pruned by keep=2)
+    state_dir = os.path.join(second.workdir, "checkpoints", str(step), "data_iterator")
+    assert os.path.exists(os.path.join(state_dir, "process_0_of_1.index")), os.listdir(state_dir)
+  assert second.data_resumed_by == "iterator"
+  assert not [n for n in extra["second"] if n > 0], f"resume skipped batches: {extra['second']}"
+
+
+def test_checkpoint_without_iterator_state_resumes_by_replay_and_matches(runs):
+  straight, _, _, extra = runs
+  replayed = extra["replayed"]
+  assert replayed.resumed_from == STEPS // 2 and replayed.data_resumed_by == "replay"
+  assert STEPS // 2 in extra["replay_skips"]
+  assert_same_run(straight, replayed)
+
+
 def test_checkpoints_keep_the_newest_and_hold_the_data_position(runs):
-  _, _, second = runs
+  _, _, second, _ = runs
   ckpt_dir = os.path.join(second.workdir, "checkpoints")
   steps = sorted(int(name) for name in os.listdir(ckpt_dir) if name.isdigit())
   assert steps == [16, 20]  # keep=2
@@ -65,7 +114,7 @@ def test_checkpoints_keep_the_newest_and_hold_the_data_position(runs):
 
 
 def test_loading_into_other_shapes_lists_the_mismatched_params(runs, tmp_path):
-  straight, _, _ = runs
+  straight, _, _, _ = runs
   with synthetic_task() as task:
     exp = experiment(task, STEPS + 1)
     exp = dataclasses.replace(exp, model=tiny_model(ffn_dim=128))

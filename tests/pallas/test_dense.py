@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from glmjax.model import forward, init_params, presets
-from glmjax.model.attention import dense_attention
+from glmjax.pallas.dense import dense_attention
 from glmjax.pallas import attention_reference
 from glmjax.trainer.loss import token_loss_sums
 from tests.train.helpers import random_batches

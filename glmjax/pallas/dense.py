@@ -1,4 +1,4 @@
-"""Dense XLA attention with a recomputing custom VJP (`ModelConfig.attention_impl="dense"`).
+"""Dense XLA attention with a recomputing custom VJP (`impl="dense"`, the CPU default).
 
 The same function as `glmjax.pallas.attention_reference` (packing + GLM mask,
 GQA, ALiBi), laid out for XLA's CPU dot emitters and differentiated by hand:
