@@ -2,10 +2,13 @@
 
 Each step directory holds three items: `state` (params, optimizer state,
 step, RNG, non-finite counters: sharded arrays), `data` (the train stream's
-position, JSON) and `config` (operative gin config text and run facts, JSON).
-orbax writes into a temporary directory and renames it when complete, so a
-run killed mid-save leaves the last complete step as the latest one, and
-`CheckpointManager.latest_step` never sees the partial one.
+position, JSON) and `config` (operative gin config text and run facts, JSON),
+plus, for tf.data streams, `data_iterator`: each process's tf.data iterator
+state (`process_<i>_of_<n>.*`, tf.train.Checkpoint files). orbax writes all
+items into one temporary directory and renames it when complete, so a run
+killed mid-save leaves the last complete step as the latest one,
+`CheckpointManager.latest_step` never sees the partial one, and an iterator
+state is always that of its own step (and deleted with it).
 """
 
 from __future__ import annotations
@@ -13,10 +16,54 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
 ITEMS = ("state", "data", "config")
+DATA_ITERATOR = "data_iterator"
+
+
+def iterator_prefix(directory: epath.Path) -> epath.Path:
+  """This process's file prefix; keyed by the process count too, since per-process tf.data states
+  only fit a run with the same processes (another count resumes by replay)."""
+  return directory / f"process_{jax.process_index()}_of_{jax.process_count()}"
+
+
+class DataIteratorHandler(ocp.CheckpointHandler):
+  """orbax item for a tf.data stream's iterator state (`data.TfDataStream`), one file set per process.
+
+  The save is synchronous (orbax runs non-async handlers to completion inside
+  `CheckpointManager.save`), so the state is that of the batches consumed at
+  the step being saved, before the loop draws the next batch.
+  """
+
+  def save(self, directory: epath.Path, args: "DataIteratorSave") -> None:
+    args.stream.save_iterator(str(iterator_prefix(directory)))
+
+  def restore(self, directory: epath.Path, args: "DataIteratorRestore") -> bool:
+    """Restores `args.stream`; False (stream untouched) when there is no state for this process."""
+    prefix = iterator_prefix(directory)
+    if not epath.Path(str(prefix) + ".index").exists():
+      return False
+    args.stream.restore_iterator(str(prefix), args.data_state)
+    return True
+
+  def metadata(self, directory: epath.Path) -> None:
+    return None
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
+@dataclasses.dataclass
+class DataIteratorSave(ocp.args.CheckpointArgs):
+  stream: Any  # data.TfDataStream
+
+
+@ocp.args.register_with_handler(DataIteratorHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIteratorRestore(ocp.args.CheckpointArgs):
+  stream: Any  # data.TfDataStream
+  data_state: dict  # the `data` item of the same step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +83,20 @@ def make_manager(directory: str, config: CheckpointConfig) -> ocp.CheckpointMana
       save_interval_steps=config.save_every or 10**12, max_to_keep=config.keep,
       enable_async_checkpointing=config.async_save, cleanup_tmp_directories=True, create=True)
   handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
-              "config": ocp.JsonCheckpointHandler()}
+              "config": ocp.JsonCheckpointHandler(), DATA_ITERATOR: DataIteratorHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: dict, config_info: dict,
-         force: bool = False) -> bool:
+         force: bool = False, stream: Any = None) -> bool:
   """Starts a (possibly async) save; returns whether one was started. The device->host copy
-  happens before this returns, so the caller may donate `state`'s buffers right after."""
-  return manager.save(step, force=force, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
-      config=ocp.args.JsonSave(config_info)))
+  happens before this returns, so the caller may donate `state`'s buffers right after.
+  A `stream` with `saves_iterator` also gets its tf.data iterator state saved, before this returns."""
+  items = dict(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
+               config=ocp.args.JsonSave(config_info))
+  if getattr(stream, "saves_iterator", False):
+    items[DATA_ITERATOR] = DataIteratorSave(stream)
+  return manager.save(step, force=force, args=ocp.args.Composite(**items))
 
 
 def path_name(path) -> str:
@@ -94,6 +144,19 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract_state: dict) -> 
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(),
       config=ocp.args.JsonRestore()))
   return restored["state"], restored["data"], restored["config"]
+
+
+def restore_data_stream(manager: ocp.CheckpointManager, step: int, stream: Any, data_state: dict) -> str:
+  """Puts `stream` where `step` left it: 'iterator' when the step holds this process's tf.data
+  iterator state and the stream can load it, else 'replay' (skip the consumed batches)."""
+  has_state = (epath.Path(manager.directory) / str(step) / DATA_ITERATOR).is_dir()
+  if has_state and getattr(stream, "saves_iterator", False):
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{DATA_ITERATOR: DataIteratorRestore(stream, data_state)}))
+    if restored[DATA_ITERATOR]:
+      return "iterator"
+  stream.restore(data_state)
+  return "replay"
 
 
 def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:

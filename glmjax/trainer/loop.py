@@ -70,6 +70,7 @@ class TrainResult:
   state: Any
   workdir: Optional[str]
   resumed_from: Optional[int] = None
+  data_resumed_by: Optional[str] = None  # "iterator" (tf.data state) | "replay" (skip consumed batches)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -205,14 +206,14 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   if workdir is not None:
     manager = ckpt.make_manager(os.path.abspath(os.path.join(workdir, "checkpoints")), experiment.checkpoint)
 
-  resumed_from = None
+  resumed_from = resumed_by = None
   latest = manager.latest_step() if manager is not None and experiment.checkpoint.resume else None
   if latest is not None:
     state, data_state, _ = ckpt.restore(manager, latest, program.abstract_state())
-    stream.restore(data_state)
+    resumed_by = ckpt.restore_data_stream(manager, latest, stream, data_state)
     resumed_from = latest
     if is_main:
-      log.info("resumed from %s at step %d", manager.directory, latest)
+      log.info("resumed from %s at step %d (data: %s)", manager.directory, latest, resumed_by)
   else:
     state = program.init_state(cfg.seed)
   step = int(jax.device_get(state["step"]))
@@ -232,7 +233,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
       return
     if force and step in manager.all_steps():
       return
-    ckpt.save(manager, step, state, stream.state(), config_info, force=force)
+    ckpt.save(manager, step, state, stream.state(), config_info, force=force, stream=stream)
 
   def evaluate() -> None:
     if eval_host:
@@ -308,4 +309,4 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
       json.dump({"status": status, "step": step, "resumed_from": resumed_from,
                  "last": run_log.records[-1] if run_log.records else None}, f, indent=1)
   return TrainResult(status=status, step=step, records=run_log.records, state=state, workdir=workdir,
-                     resumed_from=resumed_from)
+                     resumed_from=resumed_from, data_resumed_by=resumed_by)

@@ -66,8 +66,11 @@ def runs(tmp_path_factory):
     with counting_skips([]) as second_skips:
       second = train(experiment(task, STEPS), split_dir)
     with counting_skips([]) as replay_skips:
-      replayed = train(experiment(task, STEPS), replay_dir)
-  return straight, first, second, dict(second=second_skips, replayed=replayed, replay_skips=replay_skips)
+      replayed = train(experiment(task, 16), replay_dir)
+    # Its checkpoints come from a pipeline opened with skip(10); their iterator states must fit it.
+    after_replay = train(experiment(task, STEPS), replay_dir)
+  return straight, first, second, dict(second=second_skips, replayed=replayed, replay_skips=replay_skips,
+                                       after_replay=after_replay)
 
 
 def assert_same_run(want_result, got_result):
@@ -96,11 +99,13 @@ def test_tf_data_resume_restores_the_iterator_state_without_replay(runs):
 
 
 def test_checkpoint_without_iterator_state_resumes_by_replay_and_matches(runs):
+  """Replay 10 -> 16, then the iterator state saved after that replay 16 -> 20: still bitwise."""
   straight, _, _, extra = runs
-  replayed = extra["replayed"]
+  replayed, after_replay = extra["replayed"], extra["after_replay"]
   assert replayed.resumed_from == STEPS // 2 and replayed.data_resumed_by == "replay"
   assert STEPS // 2 in extra["replay_skips"]
-  assert_same_run(straight, replayed)
+  assert after_replay.resumed_from == 16 and after_replay.data_resumed_by == "iterator"
+  assert_same_run(straight, after_replay)
 
 
 def test_checkpoints_keep_the_newest_and_hold_the_data_position(runs):
