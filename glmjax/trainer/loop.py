@@ -135,14 +135,26 @@ def _validate(experiment: Experiment) -> None:
     raise ValueError("TrainerConfig.max_nonfinite_streak must be >= 1")
 
 
-def check_token_ids(batch: dict, vocab_size: int) -> None:
-  """Out-of-range ids would be silently clamped by the embedding gather; fail instead."""
-  for key in ("tokens", "targets"):
-    values = batch[key]
-    low, high = int(values.min()), int(values.max())
-    if low < 0 or high >= vocab_size:
-      raise ValueError(f"batch[{key!r}] has ids in [{low}, {high}] but ModelConfig.vocab_size={vocab_size}; "
-                       "set vocab_size to the data's vocabulary size (8192 for glmjax.tasks' default)")
+def check_batch_ids(batch: dict, model: ModelConfig) -> None:
+  """Ids the model would gather out of range fail here, on the host: the jitted
+  embedding gather would silently clamp token ids and turn position ids past a
+  learned table into NaN."""
+  ranges = [("tokens", model.vocab_size, "ModelConfig.vocab_size",
+             "set vocab_size to the data's vocabulary size (8192 for glmjax.tasks' default)"),
+            ("targets", model.vocab_size, "ModelConfig.vocab_size",
+             "set vocab_size to the data's vocabulary size (8192 for glmjax.tasks' default)")]
+  if model.uses_learned_positions:
+    fix = ("raise ModelConfig.max_length above DataConfig.sequence_length (GLM block positions "
+           "reach the span length + 1) or shorten the sequences")
+    ranges.append(("positions", model.max_length, "ModelConfig.max_length", fix))
+    if model.position == "learned_2d":
+      ranges.append(("block_positions", model.max_length, "ModelConfig.max_length", fix))
+  for key, limit, field, fix in ranges:
+    if key not in batch:
+      continue
+    low, high = int(batch[key].min()), int(batch[key].max())
+    if low < 0 or high >= limit:
+      raise ValueError(f"batch[{key!r}] has ids in [{low}, {high}] but {field}={limit}; {fix}")
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -253,7 +265,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
           raise ValueError(f"the training data ran out after {stream.position} batches, before "
                            f"TrainerConfig.num_steps={cfg.num_steps}") from None
         host = host_rows(host)
-        check_token_ids(host, experiment.model.vocab_size)
+        check_batch_ids(host, experiment.model)
         batch = program.global_batch(host)
         state, device_metrics = program.train_step(state, batch)
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
