@@ -41,10 +41,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   p.add_argument("--vocab", default=None,
                  help="SentencePiece model with the GLM specials (default: the shipped vocabulary)")
-  p.add_argument("--causal_inputs", action="store_true",
-                 help="Part A causal (the model was trained with bidirectional_inputs=False)")
-  p.add_argument("--positions_1d", action="store_true",
-                 help="positions 0,1,2,... without block positions (trained with positions_1d=True)")
+  p.add_argument("--causal_inputs", action="store_const", const=True, default=None,
+                 help="Part A causal (default: the checkpoint's DataConfig.bidirectional_inputs)")
+  p.add_argument("--positions_1d", action="store_const", const=True, default=None,
+                 help="positions 0,1,2,... without block positions (default: the checkpoint's "
+                      "DataConfig.positions_1d)")
 
 
 def options_from_args(args):
@@ -55,6 +56,14 @@ def options_from_args(args):
       top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
       no_repeat_ngram_size=args.no_repeat_ngram_size, forbidden_ids=forbid,
       num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
+
+
+def prompt_convention(args, data_config):
+  """The prompt layout the model was trained with (its DataConfig), unless a flag overrides it."""
+  from glmjax.generate import glm  # pylint: disable=import-outside-toplevel
+  causal = args.causal_inputs if args.causal_inputs is not None else not data_config.bidirectional_inputs
+  positions_1d = args.positions_1d if args.positions_1d is not None else data_config.positions_1d
+  return glm.Convention(bidirectional_inputs=not causal, positions_1d=positions_1d)
 
 
 def text_generator(args):
@@ -69,8 +78,7 @@ def text_generator(args):
   if vocabulary.vocab_size > loaded.config.vocab_size:
     raise ValueError(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
                      f"{loaded.config.vocab_size}; pass the --vocab the model was trained with")
-  convention = glm.Convention(bidirectional_inputs=not args.causal_inputs,
-                              positions_1d=args.positions_1d)
+  convention = prompt_convention(args, loaded.experiment.data)
   program = loaded.program
   return loaded, TextGenerator(loaded.params, loaded.config, vocabulary, convention,
                                sharding_context=program.sharding_context,

@@ -48,6 +48,11 @@ class DataConfig:
   eval_split: str = "validation"
   eval_batches: int = 4
   modules: tuple = ()  # Python modules to import first (they register user tasks)
+  # Prompt layout of GLM-format tasks (glmjax.tasks.GLMFeatureConverter): Part A bidirectional
+  # (GLM) or causal (LLaMA-style); GLM 2D positions or plain 0, 1, 2, ... Saved with the
+  # operative gin config, so `glmjax generate` / `glmjax eval` lay prompts out the same way.
+  bidirectional_inputs: bool = True
+  positions_1d: bool = False
 
 
 def import_task_modules(config: DataConfig) -> None:
@@ -218,7 +223,8 @@ def _feature_keys(name: str) -> set:
 
 
 def seqio_batches(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
-                  seed: int, shard_info, pack: bool, num_epochs: Optional[int]):
+                  seed: int, shard_info, pack: bool, num_epochs: Optional[int],
+                  bidirectional_inputs: bool = True, positions_1d: bool = False):
   """tf.data.Dataset of contract batches from a registered seqio task or mixture.
 
   Tasks with an `inputs` feature (GLM blank infilling, Flan) go through
@@ -237,7 +243,8 @@ def seqio_batches(name: str, *, sequence_length: int, batch_size: int, split: st
   if not hasattr(tasks, "get_dataset"):
     raise ValueError(f"task {name!r} has features {sorted(_feature_keys(name))}; it needs "
                      "glmjax.tasks.get_dataset (the GLM feature converter), which this install lacks")
-  return tasks.get_dataset(name, **kwargs)
+  return tasks.get_dataset(name, bidirectional_inputs=bidirectional_inputs, positions_1d=positions_1d,
+                           **kwargs)
 
 
 def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
@@ -253,7 +260,9 @@ def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
   def make():
     parts = [seqio_batches(name, sequence_length=config.sequence_length, batch_size=rows, split=split,
                            shuffle=shuffle, seed=config.seed, pack=config.pack, num_epochs=num_epochs,
-                           shard_info=seqio.ShardInfo(index=s, num_shards=shards) if shards > 1 else None)
+                           shard_info=seqio.ShardInfo(index=s, num_shards=shards) if shards > 1 else None,
+                           bidirectional_inputs=config.bidirectional_inputs,
+                           positions_1d=config.positions_1d)
              for s in mine]
     if len(parts) == 1:
       return parts[0]

@@ -26,3 +26,19 @@ def test_chat_prompt_is_the_training_example_up_to_the_answer():
   answer = v.encode("17")
   np.testing.assert_array_equal(example["targets"][n - 1:n - 1 + len(answer) + 1], answer + [ids.eop])
   assert ids.eop in stop_ids(ids) and ids.user in stop_ids(ids)
+
+
+def test_prompt_layout_defaults_to_the_checkpoints_data_config():
+  """generate / eval lay prompts out as the model was trained unless a flag overrides it."""
+  import argparse
+
+  from glmjax.generate.cli import prompt_convention
+  from glmjax.trainer.data import DataConfig
+
+  no_flags = argparse.Namespace(causal_inputs=None, positions_1d=None)
+  glm = prompt_convention(no_flags, DataConfig())
+  assert glm.bidirectional_inputs and not glm.positions_1d
+  llama = prompt_convention(no_flags, DataConfig(bidirectional_inputs=False, positions_1d=True))
+  assert not llama.bidirectional_inputs and llama.positions_1d
+  forced = prompt_convention(argparse.Namespace(causal_inputs=True, positions_1d=None), DataConfig())
+  assert not forced.bidirectional_inputs and not forced.positions_1d
