@@ -20,6 +20,15 @@ def take(dataset, count):
   return [{k: v.numpy() for k, v in batch.items()} for batch in dataset.take(count)]
 
 
+
+def first_validation_batch_then_remove(name):
+  """The first validation batch of a test-registered task, which is then unregistered."""
+  try:
+    return take(tasks.get_dataset(name, sequence_length=LENGTH, batch_size=BATCH, split="validation",
+                                  num_epochs=1, shuffle=False), 1)[0]
+  finally:
+    seqio.TaskRegistry.remove(name)
+
 def check_contract(batch, vocab_size=8192):
   assert set(batch) == set(CONTRACT)
   for key, dtype in CONTRACT.items():
@@ -125,11 +134,7 @@ def test_user_task_from_local_text_files(tmp_path):
   name = "test_pipeline_text_files"
   registry.register_text_task(name, sources.text_files_source(
       {s: str(tmp_path / s / "*.txt") for s in ("train", "validation")}), objective="document")
-  try:
-    batch = take(tasks.get_dataset(name, sequence_length=LENGTH, batch_size=BATCH, split="validation",
-                                   num_epochs=1, shuffle=False), 1)[0]
-  finally:
-    seqio.TaskRegistry.remove(name)
+  batch = first_validation_batch_then_remove(name)
   check_contract(batch)
   assert (batch["tokens"] == tasks.special_ids().gmask).sum() >= 2
 
@@ -158,10 +163,6 @@ def test_tfds_source(tmp_path):
   name = "test_pipeline_tfds"
   registry.register_text_task(name, seqio.TfdsDataSource("tiny_text:1.0.0", tfds_data_dir=str(tmp_path)),
                               objective="sentence")
-  try:
-    batch = take(tasks.get_dataset(name, sequence_length=LENGTH, batch_size=BATCH, split="validation",
-                                   num_epochs=1, shuffle=False), 1)[0]
-  finally:
-    seqio.TaskRegistry.remove(name)
+  batch = first_validation_batch_then_remove(name)
   check_contract(batch)
   assert (batch["tokens"] == tasks.special_ids().smask).sum() >= 3
