@@ -21,6 +21,7 @@ import numpy as np
 
 from glmjax.generate.glm import GLM, Convention, glm_row, scoring_row
 from glmjax.model import forward
+from glmjax.model.batch import target_is_argmax
 from glmjax.model.config import ModelConfig
 
 ROW_FIELDS = ("tokens", "positions", "block_positions", "bidirectional", "targets", "loss_mask")
@@ -29,11 +30,11 @@ MODES = ("blank", "append")
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _target_scores(params, batch, config):
-  """Per-token log p(target) and whether the target is the argmax, both [B, L]."""
+  """Per-token log p(target) and whether the target is the argmax (first max on ties), both [B, L]."""
   logits = forward(params, batch, config)
   logp = jax.nn.log_softmax(logits, axis=-1)
   target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-  return target_logp, jnp.argmax(logits, axis=-1) == batch["targets"]
+  return target_logp, target_is_argmax(logits, batch["targets"])
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

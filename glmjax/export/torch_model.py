@@ -185,13 +185,23 @@ def alibi_slopes(num_heads: int):
   return torch.tensor(slopes, dtype=torch.float32)
 
 
+def may_attend(q_segment_ids, k_segment_ids, k_bidirectional, q_index, k_index):
+  """The batch contract's attention rule (DESIGN.md s.2), elementwise with broadcasting:
+  `segment_ids[i] == segment_ids[j] != 0 and (j <= i or bidirectional[j])`.
+
+  A copy of `glmjax.model.batch.may_attend`: this file ships alone as
+  `modeling_glmjax.py` and cannot import glmjax; tests/export/test_torch_model.py
+  asserts the two masks agree.
+  """
+  same_segment = (q_segment_ids == k_segment_ids) & (k_segment_ids != 0)
+  return same_segment & ((k_index <= q_index) | (k_bidirectional != 0))
+
+
 def attention_mask(segment_ids, bidirectional):
-  """[B, Lq, Lk] bool: same non-padding segment and (j <= i or token j bidirectional)."""
-  length = segment_ids.shape[-1]
-  idx = torch.arange(length, device=segment_ids.device)
-  causal = idx[None, :] <= idx[:, None]
-  same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-  return same & (causal[None] | bidirectional.bool()[:, None, :])
+  """[B, Lq, Lk] bool: `may_attend` on the packed row indices (causality by row, not position)."""
+  idx = torch.arange(segment_ids.shape[-1], device=segment_ids.device)
+  return may_attend(segment_ids[:, :, None], segment_ids[:, None, :], bidirectional[:, None, :],
+                    idx[None, :, None], idx[None, None, :])
 
 
 def attention(q, k, v, mask, slopes=None):

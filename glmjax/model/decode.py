@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from glmjax import pallas
+from glmjax.model import batch as batch_lib
 from glmjax.model import transformer
 from glmjax.model.config import ModelConfig
 from glmjax.model.constraints import constrain
@@ -97,9 +98,8 @@ def _chunk_fields(chunk: dict, config: ModelConfig) -> dict:
                      "(left padding, GLM Part B) from the cache slot")
   shape = chunk["tokens"].shape
   out = {k: jnp.asarray(v, jnp.int32) for k, v in chunk.items()}
-  out.setdefault("segment_ids", jnp.ones(shape, jnp.int32))
-  out.setdefault("block_positions", jnp.zeros(shape, jnp.int32))
-  out.setdefault("bidirectional", jnp.zeros(shape, jnp.int32))
+  for key in ("segment_ids", "block_positions", "bidirectional"):
+    out.setdefault(key, batch_lib.default_field(key, shape, jnp))
   for key, value in out.items():
     if value.shape != shape:
       raise ValueError(f"chunk[{key!r}] has shape {value.shape}, expected {shape} like chunk['tokens']")

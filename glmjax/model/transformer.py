@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from glmjax import pallas
+from glmjax.model import batch as batch_lib
 from glmjax.model import layers
 from glmjax.model.config import ModelConfig
 from glmjax.model.constraints import constrain
@@ -52,7 +53,7 @@ def validate_batch(batch: dict, config: ModelConfig) -> None:
   if length > config.max_length:
     raise ValueError(f"batch length {length} exceeds ModelConfig.max_length={config.max_length}; "
                      "shorten the sequences or raise max_length")
-  for key in ("segment_ids", "positions", "block_positions", "bidirectional"):
+  for key in batch_lib.OPTIONAL_KEYS:
     if key in batch and batch[key].shape != batch["tokens"].shape:
       raise ValueError(f"batch[{key!r}] has shape {batch[key].shape}, expected "
                        f"{batch['tokens'].shape} like batch['tokens']")
@@ -62,15 +63,8 @@ def validate_batch(batch: dict, config: ModelConfig) -> None:
 
 
 def default_fields(batch: dict) -> dict:
-  """Fills the optional batch fields for plain causal LM on unpacked rows."""
-  tokens = batch["tokens"]
-  B, L = tokens.shape
-  out = dict(batch)
-  out.setdefault("segment_ids", jnp.ones((B, L), jnp.int32))
-  out.setdefault("positions", jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)))
-  out.setdefault("block_positions", jnp.zeros((B, L), jnp.int32))
-  out.setdefault("bidirectional", jnp.zeros((B, L), jnp.int32))
-  return out
+  """Fills the optional batch fields for plain causal LM on unpacked rows (DESIGN.md s.2)."""
+  return batch_lib.with_defaults(batch, jnp)
 
 
 def position_context(batch: dict, config: ModelConfig) -> PositionContext:

@@ -1,10 +1,11 @@
 """Decode-time attention: a few new queries against a long KV cache (plain XLA).
 
-The rule is the batch contract's (DESIGN.md s.2) with row indices replaced by
-cache slots: the query in slot i sees the key in slot j iff both carry the
-same non-zero segment id and (j <= i or key j is bidirectional). Empty slots
-(beyond a row's length, or left padding) have segment id 0, which is how
-per-sequence lengths are expressed; `segment_ids_from_lengths` builds them.
+The rule is the batch contract's (DESIGN.md s.2, `glmjax.model.batch.may_attend`)
+with row indices replaced by cache slots: the query in slot i sees the key in
+slot j iff both carry the same non-zero segment id and (j <= i or key j is
+bidirectional). Empty slots (beyond a row's length, or left padding) have
+segment id 0, which is how per-sequence lengths are expressed;
+`segment_ids_from_lengths` builds them.
 
 There is no Pallas decode kernel: with one to a few queries the score tensor
 is [b, heads, lq, S], O(S) per query like the cache itself, and the work is a
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from glmjax.model.batch import may_attend
 from glmjax.pallas.reference import masked_attention
 
 
@@ -46,11 +48,9 @@ def decode_attention(q, k_cache, v_cache, *, query_slots, query_segment_ids, key
                      f"matching q, got {q.shape=} {k_cache.shape=} {v_cache.shape=}")
   query_slots = jnp.broadcast_to(jnp.asarray(query_slots, jnp.int32), (batch, q_length))
   key_slots = jnp.arange(cache_length, dtype=jnp.int32)
-  key_segment_ids = jnp.asarray(key_segment_ids)
-  same_segment = ((jnp.asarray(query_segment_ids)[:, :, None] == key_segment_ids[:, None, :])
-                  & (key_segment_ids[:, None, :] != 0))
-  earlier = key_slots[None, None, :] <= query_slots[:, :, None]
-  mask = same_segment & (earlier | jnp.asarray(key_bidirectional).astype(bool)[:, None, :])
+  q_seg, k_seg = jnp.asarray(query_segment_ids), jnp.asarray(key_segment_ids)
+  mask = may_attend(q_seg[:, :, None], k_seg[:, None, :], jnp.asarray(key_bidirectional)[:, None, :],
+                    query_slots[:, :, None], key_slots[None, None, :])
   bias = None
   if alibi_slopes is not None:
     distance = (key_slots[None, None, :] - query_slots[:, :, None]).astype(jnp.float32)

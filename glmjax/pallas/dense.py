@@ -24,16 +24,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from glmjax.pallas.reference import attention_mask
+
 F32 = jnp.float32
-
-
-def _mask(segment_ids, bidirectional):
-  """[b, lq, lk]: same non-padding segment and (causal by row index or bidirectional key)."""
-  length = segment_ids.shape[-1]
-  idx = jnp.arange(length)
-  causal = idx[None, :] <= idx[:, None]
-  same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] != 0)
-  return same & (causal[None] | (bidirectional[:, None, :] != 0))
 
 
 def _heads_major(x, groups: int):
@@ -79,7 +72,7 @@ def _contract_rows(x_h, a):
 def _forward(q_h, k_h, v_h, segment_ids, bidirectional, slopes, scale, groups):
   b, kv, rows, _ = q_h.shape
   length = k_h.shape[2]
-  mask = _mask(segment_ids, bidirectional)[:, None, None]
+  mask = attention_mask(segment_ids, bidirectional)[:, None, None]
   s = jnp.where(mask, _scores(q_h, k_h, slopes, scale, groups), -jnp.inf)
   row_max = jnp.max(s, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
@@ -108,7 +101,7 @@ def _attention_bwd(scale, groups, residuals, d_o):
   q_h, k_h, v_h, segment_ids, bidirectional, slopes, o, lse = residuals
   b, kv, rows, _ = q_h.shape
   length = k_h.shape[2]
-  mask = _mask(segment_ids, bidirectional)[:, None, None]
+  mask = attention_mask(segment_ids, bidirectional)[:, None, None]
   s = _scores(q_h, k_h, slopes, scale, groups)
   p = jnp.where(mask, jnp.exp(s - lse), 0.0).reshape(b, kv, rows, length)
   delta = jnp.sum(d_o.astype(F32) * o.astype(F32), axis=-1, keepdims=True)

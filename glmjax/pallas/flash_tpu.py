@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from glmjax.model.batch import may_attend
 from glmjax.pallas import blocks, tile_math
 
 DEFAULT_BLOCK_Q = 512
@@ -60,8 +61,7 @@ def _tile_scores(q, k, q_seg_ref, k_seg_ref, k_bidi_ref, slope, q_block, k_block
   """Masked scores of one tile and its visibility, from the refs of that tile."""
   block_q, block_k = q.shape[0], k.shape[0]
   q_pos, k_pos = _tile_positions(q_block, k_block, block_q, block_k)
-  visible = tile_math.tile_visibility(q_pos, k_pos, _row_to_column(q_seg_ref), k_seg_ref[...],
-                                      k_bidi_ref[...])
+  visible = may_attend(_row_to_column(q_seg_ref), k_seg_ref[...], k_bidi_ref[...], q_pos, k_pos)
   s = tile_math.masked_scores(q, k, scale=scale, visible=visible, q_pos=q_pos, k_pos=k_pos,
                               alibi_slope=slope)
   return s, visible, q_pos, k_pos

@@ -22,6 +22,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from glmjax.model.batch import may_attend
 from glmjax.pallas import blocks, tile_math
 
 DEFAULT_BLOCK_Q = 64
@@ -63,8 +64,7 @@ def _forward_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, q_seg_ref, k_seg_
   def visit(k_block, state):
     span = _span(k_block, block_k)
     k_pos = _positions(k_block, block_k)[None, :]
-    visible = tile_math.tile_visibility(q_pos, k_pos, q_seg, k_seg_ref[span][None, :],
-                                        k_bidi_ref[span][None, :])
+    visible = may_attend(q_seg, k_seg_ref[span][None, :], k_bidi_ref[span][None, :], q_pos, k_pos)
     s = tile_math.masked_scores(q, k_ref[span, :], scale=scale, visible=visible, q_pos=q_pos,
                                 k_pos=k_pos, alibi_slope=slope)
     return tile_math.online_softmax_step(*state, s, visible, v_ref[span, :])
@@ -97,8 +97,7 @@ def _dq_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
     span = _span(k_block, block_k)
     k_pos = _positions(k_block, block_k)[None, :]
     k = k_ref[span, :]
-    visible = tile_math.tile_visibility(q_pos, k_pos, q_seg, k_seg_ref[span][None, :],
-                                        k_bidi_ref[span][None, :])
+    visible = may_attend(q_seg, k_seg_ref[span][None, :], k_bidi_ref[span][None, :], q_pos, k_pos)
     s = tile_math.masked_scores(q, k, scale=scale, visible=visible, q_pos=q_pos, k_pos=k_pos,
                                 alibi_slope=slope)
     p = tile_math.probabilities(s, visible, lse)
@@ -135,8 +134,7 @@ def _dkv_kernel(start_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     rows = pl.ds(pl.multiple_of(member * length + q_block * block_q, block_q), block_q)
     q, do = q_ref[rows, :], do_ref[rows, :]
     q_pos = _positions(q_block, block_q)[:, None]
-    visible = tile_math.tile_visibility(q_pos, k_pos, q_seg_ref[_span(q_block, block_q)][:, None],
-                                        k_seg, k_bidi)
+    visible = may_attend(q_seg_ref[_span(q_block, block_q)][:, None], k_seg, k_bidi, q_pos, k_pos)
     slope = slopes_ref[kv_head * group + member] if has_alibi else None
     s = tile_math.masked_scores(q, k, scale=scale, visible=visible, q_pos=q_pos, k_pos=k_pos,
                                 alibi_slope=slope)

@@ -11,21 +11,21 @@ import math
 import jax
 import jax.numpy as jnp
 
+from glmjax.model.batch import may_attend
+
 
 def attention_mask(segment_ids, bidirectional):
   """Boolean [batch, lq, lk] mask of the packing + GLM rule (DESIGN.md s.2).
 
   Row i may attend key j when both belong to the same non-padding segment and
   either j <= i (causal, by row index) or token j is bidirectional (GLM Part A,
-  prefix-LM inputs). Causality follows the row index, never `positions`.
+  prefix-LM inputs): `glmjax.model.batch.may_attend` on the row indices.
   """
   seg = jnp.asarray(segment_ids)
-  bidi = jnp.asarray(bidirectional).astype(bool)
-  length = seg.shape[-1]
-  idx = jnp.arange(length)
-  causal = idx[None, :] <= idx[:, None]  # [lq, lk]
-  same_segment = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
-  return same_segment & (causal[None] | bidi[:, None, :])
+  bidi = jnp.asarray(bidirectional)
+  idx = jnp.arange(seg.shape[-1])
+  return may_attend(seg[:, :, None], seg[:, None, :], bidi[:, None, :], idx[None, :, None],
+                    idx[None, None, :])
 
 
 def alibi_bias(alibi_slopes, length):

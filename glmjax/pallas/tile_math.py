@@ -3,6 +3,10 @@
 Functions take array values already loaded from refs, so they are backend
 neutral; each kernel builds its index / segment arrays in its native layout
 (row vectors [1, bk] and column vectors [bq, 1], or full tiles) and calls these.
+The in-tile mask is the batch contract's rule itself,
+`glmjax.model.batch.may_attend(q_seg, k_seg, k_bidi, q_pos, k_pos)` on the
+tile's segment ids and global row indices (its operators lower on Mosaic and
+Triton alike).
 Names follow FlashAttention-2 (Dao, 2023), Algorithms 1 and 2: `m_i` running
 row max, `l_i` running row sum, `acc` un-normalised output, `lse` log-sum-exp,
 `delta` = rowsum(dO * O).
@@ -35,15 +39,6 @@ def dot_nn(a, b):
 def dot_tn(a, b):
   """a.T @ b with float32 accumulation."""
   return lax.dot_general(a, b, _TN, preferred_element_type=jnp.float32)
-
-
-def tile_visibility(q_pos, k_pos, q_seg, k_seg, k_bidi):
-  """The packing + GLM rule on a tile: same non-padding segment and (j <= i or j bidirectional).
-
-  Query-side arrays broadcast over keys and key-side over queries, e.g.
-  [bq, 1] and [1, bk], or full [bq, bk] tiles.
-  """
-  return (q_seg == k_seg) & (k_seg != 0) & ((k_pos <= q_pos) | (k_bidi != 0))
 
 
 def masked_scores(q, k, *, scale, visible, q_pos, k_pos, alibi_slope=None):

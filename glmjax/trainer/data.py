@@ -27,11 +27,7 @@ import importlib
 import itertools
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-import numpy as np
-
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "block_positions",
-              "bidirectional")
-FLOAT_KEYS = frozenset({"loss_mask"})
+from glmjax.model.batch import to_host_batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,26 +70,6 @@ def resolve_num_shards(config: DataConfig, process_count: int) -> int:
     raise ValueError(f"DataConfig.batch_size={config.batch_size} must be a multiple of the "
                      f"{shards} data shards (DataConfig.num_shards)")
   return shards
-
-
-def to_host_batch(example: dict) -> dict:
-  """Contract dtypes: int32 everywhere but loss_mask (float32); zero block_positions /
-  bidirectional when the source has none (plain causal LM)."""
-  missing = [k for k in ("tokens", "targets", "loss_mask") if k not in example]
-  if missing:
-    raise ValueError(f"batch misses {missing}; it has {sorted(example)} (DESIGN.md section 2 contract)")
-  shape = np.shape(example["tokens"])
-  out = {}
-  for key in BATCH_KEYS:
-    if key in example:
-      out[key] = np.asarray(example[key], np.float32 if key in FLOAT_KEYS else np.int32)
-    elif key == "segment_ids":
-      out[key] = np.ones(shape, np.int32)
-    elif key == "positions":
-      out[key] = np.broadcast_to(np.arange(shape[-1], dtype=np.int32), shape).copy()
-    else:
-      out[key] = np.zeros(shape, np.int32)
-  return out
 
 
 class ResumableStream:

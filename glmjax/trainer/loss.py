@@ -15,11 +15,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from glmjax.model.batch import target_is_argmax
+
 
 @jax.custom_vjp
 def token_terms(logits, targets):
   """Per token: (nll, log Z, correct) with log Z = logsumexp(logits), nll = log Z - logits[target],
-  correct = 1.0 when the target's logit is the maximum (ties count as correct)."""
+  correct = 1.0 when the target is the argmax (`glmjax.model.batch.target_is_argmax`: ties go to
+  the lowest id, as evaluation's accuracy)."""
   return _token_terms(logits, targets)[0]
 
 
@@ -28,7 +31,7 @@ def _token_terms(logits, targets):
   row_max = jnp.max(logits, axis=-1)
   log_z = row_max + jnp.log(jnp.sum(jnp.exp(logits - row_max[..., None]), axis=-1))
   target_logit = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  correct = (target_logit >= row_max).astype(jnp.float32)
+  correct = target_is_argmax(logits, targets).astype(jnp.float32)
   return (log_z - target_logit, log_z, correct), (logits, targets, log_z)
 
 
@@ -50,7 +53,7 @@ def token_loss_sums(logits_BLV, targets_BL, loss_mask_BL) -> dict:
 
   nll   = logsumexp(logits) - logits[target]
   z     = logsumexp(logits)^2   (PaLM's z-loss, keeps the softmax normaliser near 1)
-  correct = the target has the largest logit
+  correct = the target is the argmax (first maximum on ties)
   """
   weights = loss_mask_BL.astype(jnp.float32)
   nll, log_z, correct = token_terms(logits_BLV, targets_BL)

@@ -18,9 +18,12 @@ import pytest
 import torch
 
 from glmjax.export import from_huggingface, to_huggingface
+from glmjax.export import torch_model
 from glmjax.export.torch_model import GLMJaxForCausalLM
 from glmjax.model import ModelConfig
+from glmjax.model.batch import may_attend
 from tests.export import helpers
+from tests.pallas import cases
 
 BASE = dict(vocab_size=83, d_model=40, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=12,
             ffn_dim=56, max_length=24)
@@ -135,3 +138,23 @@ def test_torch_model_module_does_not_import_jax():
             "import glmjax.export.torch_model as m; print(m.GLMJaxForCausalLM.__name__)")
   run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
   assert run.returncode == 0 and "GLMJaxForCausalLM" in run.stdout, run.stderr
+
+
+@pytest.mark.parametrize("layout", ["glm", "causal", "bidirectional", "scattered", "random"])
+def test_torch_mask_is_the_batch_contract_rule(layout):
+  """torch_model ships alone, so it keeps a copy of glmjax.model.batch.may_attend; both masks
+  agree on packed rows (segments, padding, bidirectional prefixes or scattered tokens)."""
+  for seed in range(4):
+    rng = np.random.default_rng(seed)
+    if layout == "random":
+      seg = rng.integers(0, 4, (3, 20)).astype(np.int32)
+      bidi = (rng.random((3, 20)) < 0.3).astype(np.int32)
+    else:
+      seg, bidi = cases.packed_batch(rng, 3, 20, layout)
+    idx = np.arange(20)
+    want = may_attend(seg[:, :, None], seg[:, None, :], bidi[:, None, :], idx[None, :, None],
+                      idx[None, None, :])
+    got = torch_model.attention_mask(torch.from_numpy(seg).long(), torch.from_numpy(bidi).long())
+    np.testing.assert_array_equal(got.numpy(), want)
+    got_bool = torch_model.attention_mask(torch.from_numpy(seg), torch.from_numpy(bidi).bool())
+    np.testing.assert_array_equal(got_bool.numpy(), want)

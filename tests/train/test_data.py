@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from glmjax.model.batch import BATCH_KEYS
 from glmjax.trainer import DataConfig, from_iterable
 from glmjax.trainer import data as data_lib
 from tests.train.helpers import progression_examples, synthetic_task
@@ -26,7 +27,7 @@ def take(stream, n):
 
 def test_seqio_batches_follow_the_contract(task):
   batch = next(data_lib.train_stream(config(task, shuffle=False)))
-  assert set(batch) == set(data_lib.BATCH_KEYS)
+  assert set(batch) == set(BATCH_KEYS)
   for key, value in batch.items():
     assert value.shape == (BATCH, LENGTH), key
     assert value.dtype == (np.float32 if key == "loss_mask" else np.int32), key

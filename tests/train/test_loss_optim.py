@@ -24,8 +24,28 @@ def test_token_loss_sums_match_numpy():
   nll = log_z - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
   np.testing.assert_allclose(got["nll_sum"], (nll * mask).sum(), rtol=1e-5)
   np.testing.assert_allclose(got["z_sum"], (log_z**2 * mask).sum(), rtol=1e-5)
-  np.testing.assert_allclose(got["correct_sum"], ((logits.argmax(-1) == targets) * mask).sum())
+  np.testing.assert_allclose(got["correct_sum"], (_first_max_hits(logits, targets) * mask).sum())
   np.testing.assert_allclose(got["weight_sum"], mask.sum())
+
+
+def _first_max_hits(logits, targets):
+  """Plain formula of token accuracy: the target is the lowest id holding the row maximum."""
+  rows = logits.reshape(-1, logits.shape[-1])
+  first = np.array([min(np.flatnonzero(row == row.max())) for row in rows])
+  return first.reshape(targets.shape) == targets
+
+
+def test_accuracy_counts_a_target_tied_with_a_lower_id_as_wrong():
+  """Ties go to the first maximum (argmax), as glmjax.evaluate reports accuracy."""
+  rng = np.random.default_rng(2)
+  logits = rng.integers(0, 3, size=(3, 8, 5)).astype(np.float32)  # many tied maxima
+  targets = rng.integers(0, 5, (3, 8))
+  mask = (rng.random((3, 8)) > 0.2).astype(np.float32)
+  target_logit = np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+  hits = _first_max_hits(logits, targets)
+  assert ((target_logit == logits.max(-1)) & ~hits & (mask > 0)).any()
+  got = token_loss_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+  np.testing.assert_allclose(float(got["correct_sum"]), (hits * mask).sum())
 
 
 def test_loss_gradient_matches_autodiff_of_the_plain_formula():
