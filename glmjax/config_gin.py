@@ -15,7 +15,10 @@ parameter named ...`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import types
+import typing
 from typing import Sequence
 
 import gin
@@ -51,53 +54,84 @@ def repo_root() -> str:
   return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _guard_package_path_reader() -> None:
-  """gin's package-path reader crashes (TypeError) when a path's head is a namespace package,
-  e.g. `include 'experiments/...'` with the repository on sys.path but another working
-  directory; treat that as "not found there" so the next search path is tried."""
-  from gin import config as gin_config  # pylint: disable=import-outside-toplevel
-  readers = getattr(gin_config, "_FILE_READERS", None)
-  if not isinstance(readers, list):
-    return
-  for i, (reader, exists) in enumerate(readers):
-    if getattr(exists, "__module__", "") == "gin.resource_reader":
-      def safe_exists(path, _exists=exists):
-        try:
-          return _exists(path)
-        except TypeError:
-          return False
-      safe_exists.__module__ = __name__
-      readers[i] = (reader, safe_exists)
-
-
 def parse(gin_files: Sequence[str] = (), bindings: Sequence[str] = (), finalize: bool = True) -> None:
   """Parses experiment files and KEY=VALUE bindings (later ones win). Includes resolve against
   the current directory, the repository root and each file's own directory."""
   register()
-  _guard_package_path_reader()
   search = [os.getcwd(), repo_root()] + [os.path.dirname(os.path.abspath(f)) for f in gin_files]
   for path in dict.fromkeys(search):
     gin.add_config_file_search_path(path)
   for path in gin_files:
     if not os.path.exists(path) and not any(os.path.exists(os.path.join(d, path)) for d in search):
       raise FileNotFoundError(f"--gin_file {path!r} does not exist (looked in {', '.join(search)})")
-  gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize,
-                                      skip_unknown=False)
+  try:
+    gin.parse_config_files_and_bindings(list(gin_files), list(bindings), finalize_config=finalize,
+                                        skip_unknown=False)
+  except SyntaxError as e:  # gin's parser: `TrainerConfig.num_steps =` with no value, a stray quote
+    where = f" ({e.filename}, line {e.lineno})" if e.filename else f" (line {e.lineno})"
+    raise ValueError(f"gin syntax error{where}: {e.msg}: {(e.text or '').strip()!r}; "
+                     "write KEY = VALUE with a Python literal value") from e
+  except TypeError as e:  # gin's package-path reader on a namespace-package include path
+    raise ValueError(f"cannot resolve a gin include ({e}); give include paths relative to the "
+                     "current directory, the repository root or the including file") from e
 
 
 def build_experiment() -> Experiment:
-  """An Experiment from the parsed bindings (unbound fields keep their dataclass defaults)."""
+  """An Experiment from the parsed bindings (unbound fields keep their dataclass defaults); a
+  value of the wrong type (`TrainerConfig.num_steps = 'abc'`) is a ValueError naming the field."""
   wrapped = register()
-  return Experiment(**{_FIELD_OF[name]: ctor() for name, ctor in wrapped.items()})
+  configs = {}
+  for name, ctor in wrapped.items():
+    configs[_FIELD_OF[name]] = config = ctor()
+    check_field_types(name, config)
+  return Experiment(**configs)
+
+
+def experiment_from_text(text: str) -> Experiment:
+  """The Experiment of an operative config text (as saved with each checkpoint), parsed apart
+  from whatever this process has bound."""
+  register()
+  clear()
+  try:
+    gin.parse_config(text)
+    return build_experiment()
+  finally:
+    clear()
+
+
+def _accepts(annotation, value) -> bool:
+  """Whether `value` fits a (simple) field annotation; unknown annotations accept anything."""
+  origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+  if origin in (typing.Union, types.UnionType):
+    return any(_accepts(a, value) for a in args)
+  if annotation is type(None):
+    return value is None
+  if annotation is bool:
+    return isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if annotation is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is str:
+    return isinstance(value, str)
+  if annotation is tuple or origin is tuple:
+    return isinstance(value, (tuple, list))
+  return True
+
+
+def check_field_types(class_name: str, config) -> None:
+  hints = typing.get_type_hints(type(config))
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    annotation = hints.get(field.name)
+    if annotation is not None and not _accepts(annotation, value):
+      expected = getattr(annotation, "__name__", str(annotation))
+      raise ValueError(f"{class_name}.{field.name} = {value!r} must be {expected}; fix the binding "
+                       "in the gin file or --gin flag")
 
 
 def operative_config() -> str:
   return gin.operative_config_str()
-
-
-def config_text() -> str:
-  """Every binding in effect (the full config, not only what was used)."""
-  return gin.config_str()
 
 
 def clear() -> None:

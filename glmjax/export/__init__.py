@@ -3,7 +3,7 @@
     to_huggingface(params, config, out_dir)   # -> folder for AutoModelForCausalLM (or torch_model)
     from_huggingface(hf_dir)                  # -> (params, config)
 
-`glmjax export` / `glmjax import` wrap them (see `main` and `importer.main`).
+`glmjax export` / `glmjax import` (glmjax.cli) wrap them.
 Nothing here imports jax at module level, so `glmjax.export.torch_model` can be
 used where only torch is installed.
 """
@@ -23,10 +23,4 @@ def from_huggingface(hf_dir, **kwargs):
   return importer.from_huggingface(hf_dir, **kwargs)
 
 
-def main(argv=None) -> int:
-  """`glmjax export --checkpoint DIR [--step N] --out OUT`."""
-  from glmjax.export import export_cli  # pylint: disable=import-outside-toplevel
-  return export_cli.main(argv)
-
-
-__all__ = ["from_huggingface", "main", "to_huggingface"]
+__all__ = ["from_huggingface", "to_huggingface"]

@@ -59,6 +59,22 @@ class TextGenerator:
       return "blank" if has_blank else "gmask"
     return mode
 
+  def check_prompt(self, prompt_ids: Sequence[int], mode: str, options: GenerationOptions) -> None:
+    """ValueError (one line) for a prompt this model cannot take in `mode`, before any compile."""
+    if mode == "blank" and not any(t in self._mask_ids() for t in prompt_ids):
+      raise ValueError("--mode blank needs a [MASK], [sMASK] or [gMASK] in the prompt; add one or "
+                       "use --mode auto")
+    if mode == "blank":  # each blank: <sop> + up to max_new_tokens, after Part A
+      blanks = sum(t in self._mask_ids() for t in prompt_ids)
+      needed = len(prompt_ids) + blanks * (1 + options.max_new_tokens)
+    else:  # [gMASK] + <sop>, or <sop>, before the new tokens
+      needed = len(prompt_ids) + {"gmask": 2, "text": 1}.get(mode, 0) + options.max_new_tokens
+    if needed > self.config.max_length:
+      raise ValueError(f"the prompt is {len(prompt_ids)} tokens and --max_new_tokens "
+                       f"{options.max_new_tokens}: {needed} positions, more than this model's "
+                       f"ModelConfig.max_length={self.config.max_length}; shorten the prompt or "
+                       "lower --max_new_tokens")
+
   def complete(self, prompts: Sequence[str], options: GenerationOptions, mode: str = "auto",
                on_text: Optional[Callable[[str], None]] = None) -> list[str]:
     """One answer per prompt. Prompts of one call share a mode (auto picks from the first).
@@ -67,7 +83,8 @@ class TextGenerator:
     """
     encoded = [self.encode(p) for p in prompts]
     mode = self.mode_of(encoded[0], mode)
-    streamer = _Streamer(self, on_text) if on_text is not None and len(prompts) == 1 else None
+    streamer = (_Streamer(self, on_text, context=encoded[0][-1:] if mode == "raw" else ())
+                if on_text is not None and len(prompts) == 1 else None)
     on_token = streamer.on_token if streamer is not None else None
     if options.strategy == "beam":
       on_token = None
@@ -120,12 +137,24 @@ class TextGenerator:
 class _Streamer:
   """Decodes row 0's tokens as they arrive and emits the new text. Calls are put back in
   step order (sharded runs may deliver them out of order); SentencePiece pieces can change
-  how earlier bytes decode, so the whole prefix is decoded each time."""
+  how earlier bytes decode, so the whole prefix is decoded each time.
 
-  def __init__(self, generator: TextGenerator, emit: Callable[[str], None]):
+  `context`: token(s) the text continues (the prompt's last one for a raw continuation).
+  SentencePiece drops the leading space of the first piece it decodes ("▁word" -> "word"),
+  so the new tokens are decoded after the context and the context's own text is cut off."""
+
+  def __init__(self, generator: TextGenerator, emit: Callable[[str], None], context: Sequence[int] = ()):
     self.generator, self.emit = generator, emit
     self.pending, self.next_step = {}, 0
     self.tokens, self.shown, self.stopped = [], "", False
+    self.context = list(context)
+    self.context_text = generator.decode(self.context) if self.context else ""
+
+  def _text(self) -> str:
+    if not self.context:
+      return self.generator.decode(self.tokens)
+    text = self.generator.decode(self.context + self.tokens)
+    return text[len(self.context_text):] if text.startswith(self.context_text) else text
 
   def on_token(self, step, tokens, done):
     self.pending[int(step)] = (int(tokens[0]), bool(done[0]))
@@ -139,12 +168,12 @@ class _Streamer:
       self.stopped = True
       return
     self.tokens.append(token)
-    text = self.generator.decode(self.tokens)
+    text = self._text()
     if text.startswith(self.shown) and not text.endswith("\ufffd"):
       self.emit(text[len(self.shown):])
       self.shown = text
 
   def finish(self):
-    text = self.generator.decode(self.tokens)
+    text = self._text()
     if text.startswith(self.shown) and text != self.shown:
       self.emit(text[len(self.shown):])

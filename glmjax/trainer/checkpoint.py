@@ -14,13 +14,12 @@ state is always that of its own step (and deleted with it).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
-ITEMS = ("state", "data", "config")
 DATA_ITERATOR = "data_iterator"
 
 
@@ -124,6 +123,10 @@ def shape_mismatches(saved: Any, expected: Any) -> list[str]:
   return problems
 
 
+class CheckpointMismatch(ValueError):
+  """The checkpoint's tree or shapes are not this config's: a user error, not a damaged file."""
+
+
 def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: dict) -> None:
   """ValueError listing every mismatched param/state entry before any array is read."""
   saved = manager.item_metadata(step)["state"]
@@ -131,7 +134,7 @@ def check_compatible(manager: ocp.CheckpointManager, step: int, abstract_state: 
   problems = shape_mismatches(saved_tree, abstract_state)
   if problems:
     listing = "\n  ".join(problems)
-    raise ValueError(
+    raise CheckpointMismatch(
         f"checkpoint {manager.directory}/{step} does not match this config's shapes "
         f"({len(problems)} entries):\n  {listing}\n"
         "Use the model/optimizer config it was saved with, or a fresh --workdir.")
@@ -159,5 +162,3 @@ def restore_data_stream(manager: ocp.CheckpointManager, step: int, stream: Any, 
   return "replay"
 
 
-def latest_step(manager: ocp.CheckpointManager) -> Optional[int]:
-  return manager.latest_step()

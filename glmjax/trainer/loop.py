@@ -12,18 +12,19 @@ state has consumed, so a resumed run continues with the next batch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
 import threading
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import jax
 import numpy as np
 
+from glmjax import workdir as workdir_lib
 from glmjax.model import ModelConfig
+from glmjax.model import batch as batch_lib
 from glmjax.sharding import DistributedConfig, MeshConfig
 from glmjax.sharding import distributed as dist
 from glmjax.trainer import checkpoint as ckpt
@@ -33,7 +34,7 @@ from glmjax.trainer.data import DataConfig
 from glmjax.trainer.optim import OptimizerConfig
 from glmjax.trainer.step import StepConfig, TrainProgram
 
-log = logging.getLogger("glmjax.train")
+log_ = logging.getLogger("glmjax.train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Experiment:
 
 @dataclasses.dataclass
 class TrainResult:
-  status: str  # "completed" | "preempted"
+  status: str  # "completed" | "preempted" (SIGTERM) | "interrupted" (Ctrl-C)
   step: int
   records: list
   state: Any
@@ -77,31 +78,35 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-class _Preemption:
-  """SIGTERM sets a flag; the loop saves a checkpoint at the next step boundary and exits."""
+class _StopSignals:
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint at the next
+  step boundary and exits. A second Ctrl-C raises KeyboardInterrupt at once (Python's default)."""
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.requested = None  # "SIGTERM" | "SIGINT"
+    self._previous = {}
 
   def __enter__(self):
     if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def _handle(self, signum, frame):  # pylint: disable=unused-argument
-    self.requested = True
+    self.requested = self.requested or signal.Signals(signum).name
+    if signum == signal.SIGINT:
+      signal.signal(signal.SIGINT, signal.default_int_handler)
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for sig, previous in self._previous.items():
+      signal.signal(sig, previous)
 
   def agreed(self) -> bool:
-    """Every process stops at the same step: any process's SIGTERM stops them all."""
+    """Every process stops at the same step: any process's signal stops them all."""
     if jax.process_count() == 1:
-      return self.requested
+      return self.requested is not None
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    flags = multihost_utils.process_allgather(np.array([self.requested is not None], np.int32))
     return bool(np.any(flags))
 
 
@@ -135,28 +140,6 @@ def _validate(experiment: Experiment) -> None:
     raise ValueError("TrainerConfig.max_nonfinite_streak must be >= 1")
 
 
-def check_batch_ids(batch: dict, model: ModelConfig) -> None:
-  """Ids the model would gather out of range fail here, on the host: the jitted
-  embedding gather would silently clamp token ids and turn position ids past a
-  learned table into NaN."""
-  ranges = [("tokens", model.vocab_size, "ModelConfig.vocab_size",
-             "set vocab_size to the data's vocabulary size (8192 for glmjax.tasks' default)"),
-            ("targets", model.vocab_size, "ModelConfig.vocab_size",
-             "set vocab_size to the data's vocabulary size (8192 for glmjax.tasks' default)")]
-  if model.uses_learned_positions:
-    fix = ("raise ModelConfig.max_length above DataConfig.sequence_length (GLM block positions "
-           "reach the span length + 1) or shorten the sequences")
-    ranges.append(("positions", model.max_length, "ModelConfig.max_length", fix))
-    if model.position == "learned_2d":
-      ranges.append(("block_positions", model.max_length, "ModelConfig.max_length", fix))
-  for key, limit, field, fix in ranges:
-    if key not in batch:
-      continue
-    low, high = int(batch[key].min()), int(batch[key].max())
-    if low < 0 or high >= limit:
-      raise ValueError(f"batch[{key!r}] has ids in [{low}, {high}] but {field}={limit}; {fix}")
-
-
 def _progress(enabled: bool, total: int, initial: int):
   if not enabled:
     return None
@@ -174,10 +157,52 @@ def _eval(program: TrainProgram, params, batches: list) -> dict:
           "eval_accuracy": float(totals["correct_sum"]) / weight, "eval_tokens": float(totals["weight_sum"])}
 
 
+def _restore_newest(run_dir: workdir_lib.Workdir, program: TrainProgram, config: ckpt.CheckpointConfig,
+                    resume_step: Optional[int], note: Callable[[str], None], is_main: bool):
+  """(state, data_state, step) of the newest readable step at or below `resume_step`, or
+  (None, None, None) for a fresh run. Steps newer than the one used move to skipped_checkpoints/."""
+  steps = sorted(run_dir.steps(), reverse=True)
+  set_aside = {}  # step -> why
+  if resume_step is not None:
+    set_aside = {s: f"is newer than --step {resume_step}" for s in steps if s > resume_step}
+    steps = [s for s in steps if s <= resume_step]
+  if not steps:
+    return None, None, None
+  manager = ckpt.make_manager(run_dir.checkpoints, dataclasses.replace(config, async_save=False))
+  found = None
+  try:
+    for candidate in steps:
+      try:
+        state, data_state, _ = ckpt.restore(manager, candidate, program.abstract_state())
+      except ckpt.CheckpointMismatch:
+        raise  # another model / optimizer config: refused, nothing moved
+      except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax: many types)
+        set_aside[candidate] = f"is unreadable ({workdir_lib._first_line(e)})"  # pylint: disable=protected-access
+        continue
+      found = (state, data_state, candidate)
+      break
+  finally:
+    manager.close()
+  if found is None:
+    raise ValueError(f"no readable checkpoint in {run_dir.checkpoints} (steps {sorted(steps)}); "
+                     "use a fresh --workdir or pass --step")
+  if is_main:
+    for step, why in sorted(set_aside.items()):
+      target = run_dir.set_aside(step, f"checkpoint step {step} {why}; the run resumed from step {found[2]}")
+      note(f"checkpoint step {step} {why}: resuming from step {found[2]}, step {step} moved to {target}")
+  return found
+
+
 def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=None,
           eval_data: Optional[Iterable[dict]] = None, config_text: str = "",
-          devices: Optional[list] = None) -> TrainResult:
-  """Trains `experiment`; resumes from the latest checkpoint in `workdir/checkpoints` if any.
+          devices: Optional[list] = None, resume_step: Optional[int] = None,
+          log: Optional[Callable[[str], None]] = None) -> TrainResult:
+  """Trains `experiment`; resumes from the newest readable checkpoint in `workdir/checkpoints`.
+
+  An unreadable newest step (truncated file) is moved to `skipped_checkpoints/` and the previous
+  one is used; `resume_step` picks a step, moving newer ones aside too (nothing is deleted).
+  Nothing is written to `workdir` before the state is restored or built, so a refused run
+  (shape mismatch, bad mesh) leaves every file as it was. `log(line)` gets those notes.
 
   train_data: None (the seqio mixture of `experiment.data`), a `ResumableStream`, or a
   zero-argument callable returning an iterable of batch dicts (global batches; each process
@@ -203,32 +228,37 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
     host_rows = lambda b: _host_rows(b, pid, nproc)  # noqa: E731
   wants_eval = cfg.eval_every > 0 or (cfg.eval_at_end and (eval_data is not None or train_data is None))
   if eval_data is not None:
-    eval_host = [data_lib.to_host_batch(_host_rows(b, pid, nproc)) for b in eval_data]
+    eval_host = [batch_lib.to_host_batch(_host_rows(b, pid, nproc)) for b in eval_data]
   elif wants_eval and train_data is None:
     eval_host = data_lib.eval_batches(experiment.data, pid, nproc)
   else:
     eval_host = []
 
+  note = log or (lambda line: log_.warning("%s", line))
+  manager = None
+  resumed_from = resumed_by = None
+  state = None
+  if workdir is not None:
+    run_dir = workdir_lib.Workdir(workdir)
+    if resume_step is not None and resume_step not in run_dir.steps():
+      raise ValueError(f"--step {resume_step} is not a checkpoint of {run_dir.path} "
+                       f"(steps there: {run_dir.steps()})")
+    if experiment.checkpoint.resume:
+      state, data_state, resumed_from = _restore_newest(run_dir, program, experiment.checkpoint,
+                                                        resume_step, note, is_main)
+    manager = ckpt.make_manager(run_dir.checkpoints, experiment.checkpoint)
+    if resumed_from is not None:
+      resumed_by = ckpt.restore_data_stream(manager, resumed_from, stream, data_state)
+      if is_main:
+        log_.info("resumed from %s at step %d (data: %s)", manager.directory, resumed_from, resumed_by)
+  if state is None:
+    state = program.init_state(cfg.seed)
+  step = int(jax.device_get(state["step"]))
   if workdir is not None and is_main:
     os.makedirs(workdir, exist_ok=True)
     if config_text:
-      with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
-        f.write(config_text)
-  manager = None
-  if workdir is not None:
-    manager = ckpt.make_manager(os.path.abspath(os.path.join(workdir, "checkpoints")), experiment.checkpoint)
-
-  resumed_from = resumed_by = None
-  latest = manager.latest_step() if manager is not None and experiment.checkpoint.resume else None
-  if latest is not None:
-    state, data_state, _ = ckpt.restore(manager, latest, program.abstract_state())
-    resumed_by = ckpt.restore_data_stream(manager, latest, stream, data_state)
-    resumed_from = latest
-    if is_main:
-      log.info("resumed from %s at step %d (data: %s)", manager.directory, latest, resumed_by)
-  else:
-    state = program.init_state(cfg.seed)
-  step = int(jax.device_get(state["step"]))
+      workdir_lib.atomic_write_text(run_dir.file(workdir_lib.CONFIG_GIN), config_text)
+    run_dir.truncate_metrics(step)
 
   run_log = metrics_lib.RunLog(workdir, enabled=is_main)
   seq_len = experiment.data.sequence_length
@@ -255,7 +285,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
         bar.write(f"step {step}: eval loss {record['eval_loss']:.4f} accuracy {record['eval_accuracy']:.3f}")
 
   try:
-    with _Preemption() as preemption:
+    with _StopSignals() as signals:
       last_time = time.perf_counter()
       first_step_of_run = True
       while step < cfg.num_steps:
@@ -265,7 +295,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
           raise ValueError(f"the training data ran out after {stream.position} batches, before "
                            f"TrainerConfig.num_steps={cfg.num_steps}") from None
         host = host_rows(host)
-        check_batch_ids(host, experiment.model)
+        batch_lib.check_ids(host, experiment.model)
         batch = program.global_batch(host)
         state, device_metrics = program.train_step(state, batch)
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
@@ -293,11 +323,16 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
           evaluate()
         if manager is not None and manager.should_save(step):
           checkpoint(force=False)
-        if preemption.agreed():
-          status = "preempted"
+        if signals.agreed():
+          stopped_by = signals.requested or "a signal on another process"
+          status = "interrupted" if stopped_by == "SIGINT" else "preempted"
           checkpoint(force=True)
+          where = f"saved a checkpoint at step {step}" if manager is not None else "no --workdir: nothing saved"
+          message = f"{stopped_by}: {where}; exiting"
           if bar is not None:
-            bar.write(f"SIGTERM: saved a checkpoint at step {step}; exiting")
+            bar.write(message)
+          else:
+            note(message)
           break
     if status == "completed":
       if cfg.eval_at_end:
@@ -317,8 +352,8 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
     metrics_lib.plot_loss_curve(records, os.path.join(workdir, "loss.png"),
                                 title=f"{os.path.basename(os.path.abspath(workdir))}")
   if is_main and workdir is not None:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump({"status": status, "step": step, "resumed_from": resumed_from,
-                 "last": run_log.records[-1] if run_log.records else None}, f, indent=1)
+    workdir_lib.atomic_write_json(os.path.join(workdir, workdir_lib.SUMMARY), {
+        "status": status, "step": step, "resumed_from": resumed_from,
+        "last": run_log.records[-1] if run_log.records else None})
   return TrainResult(status=status, step=step, records=run_log.records, state=state, workdir=workdir,
                      resumed_from=resumed_from, data_resumed_by=resumed_by)

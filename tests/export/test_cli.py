@@ -11,7 +11,7 @@ import transformers
 
 from glmjax import cli
 from glmjax.export import from_huggingface
-from glmjax.generate.loading import load_checkpoint
+from glmjax.workdir import load_params as load_checkpoint
 from tests.export import helpers
 
 MODULE = ["--module", "tests.export.tiny_task"]
@@ -39,7 +39,7 @@ def test_export_from_a_checkpoint_trained_on_8_devices(tmp_path):
   assert cli.main(["export", "--checkpoint", workdir, "--out", out, "--target", "native",
                    "--max_shard_size", "20KB"]) == 0
   loaded = load_checkpoint(workdir)
-  assert loaded.step == 3 and len(loaded.program.mesh.devices.flat) == 8
+  assert loaded.step == 3 and len(loaded.mesh.devices.flat) == 8
   assert any(not x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(loaded.params))
   with open(os.path.join(out, "config.json")) as f:
     assert json.load(f)["architectures"] == ["LlamaForCausalLM"]

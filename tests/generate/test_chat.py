@@ -32,7 +32,7 @@ def test_prompt_layout_defaults_to_the_checkpoints_data_config():
   """generate / eval lay prompts out as the model was trained unless a flag overrides it."""
   import argparse
 
-  from glmjax.generate.cli import prompt_convention
+  from glmjax.cli.generate import prompt_convention
   from glmjax.trainer.data import DataConfig
 
   no_flags = argparse.Namespace(causal_inputs=None, positions_1d=None)

@@ -6,7 +6,8 @@ import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
-from glmjax.tasks import corpus, tokenizer_cli, vocab
+from glmjax.cli import tokenizer as tokenizer_cli
+from glmjax.tasks import corpus, vocab
 
 TEXTS = [
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer",
@@ -70,12 +71,13 @@ def test_cli_train_writes_a_model_with_specials_first(small_text, tmp_path, caps
   assert "1200 ids" in capsys.readouterr().out
 
 
-def test_cli_rejects_bad_input_spec(tmp_path):
-  with pytest.raises(ValueError, match="repeat count"):
-    tokenizer_cli.main(["train", "--input", "x.txt@two", "--vocab_size", "900", "--out", str(tmp_path / "m")])
-  with pytest.raises(ValueError, match="does not exist"):
-    tokenizer_cli.main(["train", "--input", str(tmp_path / "missing.txt"), "--vocab_size", "900",
-                        "--out", str(tmp_path / "m")])
+def test_cli_rejects_bad_input_spec(tmp_path, capsys):
+  assert tokenizer_cli.main(["train", "--input", "x.txt@two", "--vocab_size", "900",
+                             "--out", str(tmp_path / "m")]) == 2
+  assert "repeat count" in capsys.readouterr().err
+  assert tokenizer_cli.main(["train", "--input", str(tmp_path / "missing.txt"), "--vocab_size", "900",
+                             "--out", str(tmp_path / "m")]) == 2
+  assert "does not exist" in capsys.readouterr().err
   with pytest.raises(ValueError, match="vocab_size"):
     vocab.train_sentencepiece([str(tmp_path)], 100, tmp_path / "m")
 

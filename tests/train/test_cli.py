@@ -7,7 +7,7 @@ import os
 import pytest
 
 from glmjax import config_gin
-from glmjax import train as train_cli
+from glmjax.cli import train as train_cli
 from glmjax.trainer.metrics import read_jsonl
 from tests.train.test_gin import REPO
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from glmjax import config_gin
-from glmjax import train as train_cli
+from glmjax.cli import train as train_cli
 from glmjax.model import presets
 from glmjax.sharding import resolve_axis_sizes
 

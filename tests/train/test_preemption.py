@@ -37,9 +37,10 @@ def wait_for(predicate, what, proc):
   raise AssertionError(f"timed out waiting for {what}")
 
 
-def start(workdir):
+def start(workdir, *args):
   env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.Popen([sys.executable, "-m", "tests.train.preemption_worker", workdir], cwd=REPO, env=env,
+  return subprocess.Popen([sys.executable, "-m", "tests.train.preemption_worker", workdir,
+                           *map(str, args)], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -84,3 +85,48 @@ def test_sigkill_mid_save_resumes_from_last_complete_checkpoint_and_sigterm_save
   final = committed_steps(ckpt_dir)
   assert max(final) == summary["step"]  # SIGTERM saved the step it stopped at
   assert not temporary_dirs(ckpt_dir)
+
+
+def _last_train_step(metrics):
+  if not os.path.exists(metrics):
+    return 0
+  lines = [l for l in open(metrics, encoding="utf-8").read().splitlines() if l.strip()]
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def test_ctrl_c_saves_past_the_last_periodic_save_and_resumes_exactly(tmp_path):
+  """SIGINT behaves like SIGTERM (save at the step boundary, exit 130 from the CLI's view: status
+  'interrupted'); the resumed run ends with the same params as a run never interrupted."""
+  workdir, reference = str(tmp_path / "run"), str(tmp_path / "reference")
+  total = 40
+  first = start(workdir, total, 1000)  # no periodic save before the end
+  try:
+    wait_for(lambda: _last_train_step(os.path.join(workdir, "metrics.jsonl")) >= 3, "3 steps", first)
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=TIMEOUT_S)
+  finally:
+    first.kill()
+  assert first.returncode == 0, out[-3000:]
+  assert "Traceback" not in out and "SIGINT: saved a checkpoint at step" in out
+  stopped = int(out.split("STATUS interrupted ")[1].split()[0])
+  assert 3 <= stopped < total and committed_steps(os.path.join(workdir, "checkpoints")) == [stopped]
+
+  env = dict(os.environ, PYTHONPATH=REPO)
+  runs = [subprocess.Popen([sys.executable, "-m", "tests.train.preemption_worker", path, str(total), "1000"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+          for path in (workdir, reference)]  # resumed and never-interrupted, side by side
+  resumed, fresh = (_output(p) for p in runs)
+  assert f"STATUS completed {total}" in resumed, resumed[-3000:]
+  assert f"STATUS completed {total}" in fresh, fresh[-3000:]
+  params = lambda text: text.split("PARAMS ")[1].split()[0]  # noqa: E731
+  assert params(resumed) == params(fresh)
+  with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+    assert json.load(f)["resumed_from"] == stopped
+
+
+def _output(proc):
+  try:
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+  finally:
+    proc.kill()
+  return out

@@ -3,19 +3,22 @@
     glmjax export --checkpoint runs/demo --out exported/demo
     glmjax export --checkpoint runs/demo --step 2000 --out exported/demo --dtype bfloat16
 
-The params are restored sharded over this machine's devices (the trainer's own
-restore, via glmjax.generate.loading) and written one layer of one tensor at a
-time, so the model is never gathered whole on the host.
+Only the params are restored (no optimizer state), sharded over this machine's
+devices (glmjax.workdir.load_params), and written one layer of one tensor at a
+time, so the model is never gathered whole on the host. The folder is written
+under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from typing import Optional, Sequence
 
+from glmjax.cli import common
+
+TOKENIZER = "tokenizer"  # glmjax.workdir.TOKENIZER (not imported: keeps --help fast)
 TARGET_CHOICES = ("auto", "native", "llama", "glm", "cohere", "gpt_neox", "gpt2", "bloom", "torch")
 EPILOG = """\
 Targets: auto (default) picks the transformers class that represents the model exactly
@@ -31,9 +34,11 @@ Exit codes: 0 exported, 2 bad arguments, checkpoint or unsupported architecture.
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="glmjax export", description=__doc__.split("\n\n")[0],
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", required=True, help="`glmjax train` workdir or its checkpoints/ dir")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-  p.add_argument("--out", required=True, help="output folder (created)")
+  common.add_checkpoint_args(p)
+  p.add_argument("--out", required=True,
+                 help="output folder: new, empty, or an earlier glmjax export (replaced whole)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace --out even when it holds files glmjax did not write")
   p.add_argument("--target", default="auto", choices=TARGET_CHOICES, help="PyTorch class (default auto)")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                  help="dtype of the written weights (default: ModelConfig.param_dtype)")
@@ -43,26 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
                  help="'auto' (the checkpoint's tokenizer/ folder, else the training mixture's "
                       "SentencePiece vocabulary), 'none', a SentencePiece .model file or a folder "
                       "of HuggingFace tokenizer files")
+  common.add_verbose_flag(p)
   return p
 
 
 def mixture_vocabulary(experiment):
   """The SentencePiece vocabulary of the training mixture's targets, or None."""
   import seqio  # pylint: disable=import-outside-toplevel
-  from glmjax.trainer import data as data_lib  # pylint: disable=import-outside-toplevel
-  data_lib.import_task_modules(experiment.data)
+  from glmjax.tasks.registry import import_task_modules  # pylint: disable=import-outside-toplevel
+  import_task_modules(experiment.data.modules)
   features = seqio.get_mixture_or_task(experiment.data.mixture).output_features
   vocabulary = features["targets"].vocabulary if "targets" in features else None
   return vocabulary if isinstance(vocabulary, seqio.SentencePieceVocabulary) else None
 
 
-def resolve_tokenizer(choice: str, checkpoint: str, loaded):
+def resolve_tokenizer(choice: str, loaded):
   """(tokenizer for to_huggingface or None, note for the user)."""
   if choice == "none":
     return None, "no tokenizer files (--tokenizer none)"
   if choice != "auto":
     return choice, f"tokenizer from {choice}"
-  stored = os.path.join(os.path.abspath(checkpoint), "tokenizer")
+  stored = loaded.workdir.file(TOKENIZER)
   if os.path.isdir(stored):
     return stored, f"tokenizer from {stored}"
   try:
@@ -78,27 +84,27 @@ def resolve_tokenizer(choice: str, checkpoint: str, loaded):
   return vocabulary, f"tokenizer: the vocabulary of mixture {loaded.experiment.data.mixture!r}"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  logging.basicConfig(level=logging.WARNING)
+def _export(args) -> int:
   from glmjax.export import exporter  # pylint: disable=import-outside-toplevel
-  from glmjax.generate.loading import load_checkpoint  # pylint: disable=import-outside-toplevel
-  try:
-    loaded = load_checkpoint(args.checkpoint, args.step)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"glmjax export: {e}", file=sys.stderr)
-    return 2
-  tokenizer, note = resolve_tokenizer(args.tokenizer, args.checkpoint, loaded)
-  try:
-    result = exporter.to_huggingface(loaded.params, loaded.config, args.out, tokenizer=tokenizer,
-                                     target=args.target, dtype=args.dtype,
-                                     max_shard_size=args.max_shard_size)
-  except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
-    print(f"glmjax export: {e}", file=sys.stderr)
-    return 2
+  exporter.check_export_arguments(args.out, target=args.target, dtype=args.dtype,
+                                  max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+  if args.tokenizer not in ("auto", "none") and not os.path.exists(args.tokenizer):
+    raise common.BadInput(f"--tokenizer {args.tokenizer} does not exist; give a .model file, a "
+                          "folder of tokenizer files, 'auto' or 'none'")
+  loaded = common.load_checkpoint_params(args, "glmjax export")
+  tokenizer, note = resolve_tokenizer(args.tokenizer, loaded)
+  result = exporter.to_huggingface(loaded.params, loaded.config, args.out, tokenizer=tokenizer,
+                                   target=args.target, dtype=args.dtype,
+                                   max_shard_size=args.max_shard_size, overwrite=args.overwrite)
   print(f"glmjax export: step {loaded.step} of {loaded.directory} -> {args.out} as "
         f"{result.architecture} ({len(result.files)} files; {note})")
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = common.parse_args(build_parser(), argv)
+  common.setup_logging(args.verbose)
+  return common.run("glmjax export", lambda: _export(args), args.verbose)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
-from glmjax.generate.cli import add_decoding_args, add_model_args, options_from_args, text_generator
+from glmjax.cli import common
+from glmjax.cli.generate import add_decoding_args, add_model_args, options_from_args, text_generator
 
 EPILOG = """\
 --tasks takes seqio task or mixture names (mixtures expand to their tasks), e.g. the Flan
@@ -41,38 +42,43 @@ def build_parser() -> argparse.ArgumentParser:
                  help="multiple choice: mean instead of summed option log-probability")
   p.add_argument("--score_eop", action="store_true", help="multiple choice: score <eop> after options")
   add_decoding_args(p)
+  common.add_verbose_flag(p)
   return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+def _evaluate(args) -> int:
+  common.check_output_file(args.output, "--output")
   from glmjax.evaluate import runner  # pylint: disable=import-outside-toplevel
-  try:
-    import glmjax.tasks  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-    for module in args.module:
+  for module in ["glmjax.tasks"] + list(args.module):
+    try:
       importlib.import_module(module)
-    names = runner.expand_tasks([n.strip() for n in args.tasks.split(",") if n.strip()])
-    loaded, generator = text_generator(args)
-    if args.batch_size % generator.batch_multiple:
-      raise ValueError(f"--batch_size {args.batch_size} must be a multiple of the mesh's "
-                       f"{generator.batch_multiple} batch shards")
-    config = runner.EvalConfig(
-        split=args.split, batch_size=args.batch_size,
-        sequence_length=args.sequence_length or min(loaded.experiment.data.sequence_length,
-                                                    loaded.config.max_length),
-        max_examples=args.max_examples, lm_batches=args.lm_batches,
-        unigram_batches=args.unigram_batches, length_normalize=args.length_normalize,
-        score_eop=args.score_eop, generation=options_from_args(args))
-    results = runner.evaluate(generator, names, config, log=lambda line: print(line, file=sys.stderr))
-  except (ValueError, OSError, ImportError) as e:
-    print(f"glmjax eval: {e}", file=sys.stderr)
-    return 2
+    except ImportError as e:
+      raise common.BadInput(f"--module {module}: cannot import it ({e})") from e
+  names = runner.expand_tasks([n.strip() for n in args.tasks.split(",") if n.strip()])
+  loaded, generator = text_generator(args, "glmjax eval")
+  if args.batch_size % generator.batch_multiple:
+    raise common.BadInput(f"--batch_size {args.batch_size} must be a multiple of the mesh's "
+                          f"{generator.batch_multiple} batch shards")
+  config = runner.EvalConfig(
+      split=args.split, batch_size=args.batch_size,
+      sequence_length=args.sequence_length or min(loaded.experiment.data.sequence_length,
+                                                  loaded.config.max_length),
+      max_examples=args.max_examples, lm_batches=args.lm_batches,
+      unigram_batches=args.unigram_batches, length_normalize=args.length_normalize,
+      score_eop=args.score_eop, generation=options_from_args(args))
+  results = runner.evaluate(generator, names, config, log=lambda line: print(line, file=sys.stderr))
   results = dict(results, checkpoint=loaded.directory, step=loaded.step)
   print(runner.format_table(results))
   if args.output:
     runner.write_json(results, args.output)
     print(f"results written to {args.output}")
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = common.parse_args(build_parser(), argv)
+  common.setup_logging(args.verbose)
+  return common.run("glmjax eval", lambda: _evaluate(args), args.verbose)
 
 
 __all__ = ["main", "build_parser"]

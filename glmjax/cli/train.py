@@ -12,16 +12,20 @@ GLMJAX_NUM_PROCESSES=N and GLMJAX_PROCESS_ID=i (or DistributedConfig.* bindings)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
-import logging
 import sys
 from typing import Optional, Sequence
+
+from glmjax.cli import common
 
 EPILOG = """\
 Bindings name a config dataclass and a field: ModelConfig, MeshConfig, OptimizerConfig,
 DataConfig, TrainerConfig, CheckpointConfig, DistributedConfig (see experiments/*.gin).
 Outputs in --workdir: checkpoints/, metrics.jsonl, tensorboard/, loss.png, config.gin, summary.json.
-Exit codes: 0 done or preempted (SIGTERM, checkpoint saved), 1 training failed, 2 bad configuration.
+Exit codes: 0 done or preempted (SIGTERM: checkpoint saved), 1 training failed, 2 bad
+configuration (one line, before anything compiles), 130 Ctrl-C (checkpoint saved; a second
+Ctrl-C aborts at once). Re-running the same command resumes.
 """
 
 
@@ -34,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
                  help="gin binding, e.g. 'TrainerConfig.num_steps=100' (repeatable); "
                       "'--gin.KEY=VALUE' works too")
   p.add_argument("--workdir", default=None,
-                 help="run directory: checkpoints, metrics, plots (resumes if it has checkpoints)")
+                 help="run directory: checkpoints, metrics, plots (required; resumes from its newest "
+                      "readable checkpoint)")
+  p.add_argument("--step", type=int, default=None,
+                 help="resume from this checkpoint step; newer steps are moved to "
+                      "skipped_checkpoints/ (never deleted)")
   p.add_argument("--module", action="append", default=[], metavar="MODULE",
                  help="Python module to import first, e.g. one that registers your seqio tasks")
   p.add_argument("--print_config", action="store_true", help="print the parsed config and exit")
+  common.add_verbose_flag(p)
   return p
 
 
@@ -63,47 +72,57 @@ def split_t5x_bindings(argv: Sequence[str]) -> tuple[list, list]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  verbose = common.wants_verbose(argv)
+  return common.run("glmjax train", lambda: _train(argv), verbose)
+
+
+def _train(argv: list) -> int:
   try:
     argv, t5x_bindings = split_t5x_bindings(argv)
   except ValueError as e:
-    print(f"glmjax train: {e}", file=sys.stderr)
-    return 2
+    raise common.BadInput(str(e)) from e
   args = build_parser().parse_args(argv)
   if not args.gin_file and not args.gin and not t5x_bindings:
     build_parser().print_usage(sys.stderr)
-    print("glmjax train: give an experiment, e.g. --gin_file experiments/demo.gin", file=sys.stderr)
-    return 2
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-  for noisy in ("absl", "jax._src", "orbax", "tensorflow"):
-    logging.getLogger(noisy).setLevel(logging.WARNING)
-
+    raise common.BadInput("give an experiment, e.g. --gin_file experiments/demo.gin")
+  common.setup_logging(args.verbose)
   from glmjax import config_gin  # pylint: disable=import-outside-toplevel
-  try:
-    for module in args.module:
+  for module in args.module:
+    try:
       importlib.import_module(module)
+    except ImportError as e:
+      raise common.BadInput(f"--module {module}: cannot import it ({e})") from e
+  try:
     config_gin.parse(args.gin_file, args.gin + t5x_bindings)
     experiment = config_gin.build_experiment()
-  except (ValueError, TypeError, FileNotFoundError, ImportError, IOError) as e:
-    print(f"glmjax train: configuration error: {e}", file=sys.stderr)
-    return 2
+  except (ValueError, TypeError, IOError) as e:
+    raise common.BadInput(f"configuration error: {common.one_line(e)}") from e
+  if not args.workdir and not args.print_config:
+    raise common.BadInput("--workdir is required: the folder for checkpoints and metrics, e.g. "
+                          "--workdir runs/demo (an existing one resumes)")
+  if args.workdir:
+    from glmjax.workdir import check_folder_argument  # pylint: disable=import-outside-toplevel
+    check_folder_argument(args.workdir, "--workdir")
   text = config_gin.operative_config()
   if args.print_config:
     print(text)
     return 0
   if args.module:
-    import dataclasses  # pylint: disable=import-outside-toplevel
     experiment = dataclasses.replace(experiment, data=dataclasses.replace(
         experiment.data, modules=tuple(experiment.data.modules) + tuple(args.module)))
 
   from glmjax.trainer import NonFiniteLossError, train  # pylint: disable=import-outside-toplevel
   try:
-    result = train(experiment, args.workdir, config_text=text)
+    result = train(experiment, args.workdir, config_text=text, resume_step=args.step,
+                   log=lambda line: print(f"glmjax train: {line}", file=sys.stderr))
   except NonFiniteLossError as e:
     print(f"glmjax train: {e}", file=sys.stderr)
-    return 1
-  except ValueError as e:
-    print(f"glmjax train: {e}", file=sys.stderr)
-    return 2
+    return common.EXIT_FAILED
+  print(summary_line(result, args.workdir))
+  return common.EXIT_INTERRUPTED if result.status == "interrupted" else 0
+
+
+def summary_line(result, workdir: str) -> str:
   last = next((r for r in reversed(result.records) if r.get("kind") == "train"), None)
   summary = f"glmjax train: {result.status} at step {result.step}"
   if last is not None:
@@ -111,10 +130,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   last_eval = next((r for r in reversed(result.records) if r.get("kind") == "eval"), None)
   if last_eval is not None:
     summary += f", eval loss {last_eval['eval_loss']:.4f}"
-  if args.workdir:
-    summary += f"; outputs in {args.workdir}"
-  print(summary)
-  return 0
+  summary += f"; outputs in {workdir}"
+  if result.status == "interrupted":
+    summary += " (re-run the same command to resume)"
+  return summary
 
 
 if __name__ == "__main__":

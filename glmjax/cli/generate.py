@@ -9,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
+
+from glmjax.cli import common
 
 EPILOG = """\
 Modes: auto (blank filling when the prompt has [MASK]/[sMASK], else [gMASK] generation),
@@ -37,8 +40,7 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--checkpoint", required=True, help="`glmjax train` workdir or its checkpoints/ dir")
-  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  common.add_checkpoint_args(p)
   p.add_argument("--vocab", default=None,
                  help="SentencePiece model with the GLM specials (default: the shipped vocabulary)")
   p.add_argument("--causal_inputs", action="store_const", const=True, default=None,
@@ -66,23 +68,22 @@ def prompt_convention(args, data_config):
   return glm.Convention(bidirectional_inputs=not causal, positions_1d=positions_1d)
 
 
-def text_generator(args):
-  """TextGenerator for the checkpoint named by the model args (params sharded over the mesh)."""
-  from glmjax.generate import glm  # pylint: disable=import-outside-toplevel
-  from glmjax.generate.loading import load_checkpoint  # pylint: disable=import-outside-toplevel
+def text_generator(args, prog: str = "glmjax generate"):
+  """(LoadedParams, TextGenerator) for the checkpoint named by the model args: params only,
+  sharded over this host's devices."""
   from glmjax.generate.text import TextGenerator  # pylint: disable=import-outside-toplevel
-  from glmjax.sharding import batch_divisor  # pylint: disable=import-outside-toplevel
   from glmjax.tasks import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
-  loaded = load_checkpoint(args.checkpoint, args.step)
+  if args.vocab and not os.path.isfile(args.vocab):
+    raise common.BadInput(f"--vocab {args.vocab} is not a file; give a SentencePiece .model file")
+  loaded = common.load_checkpoint_params(args, prog)
   vocabulary = vocab_lib.GLMVocabulary(args.vocab) if args.vocab else vocab_lib.default_vocabulary()
   if vocabulary.vocab_size > loaded.config.vocab_size:
-    raise ValueError(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
-                     f"{loaded.config.vocab_size}; pass the --vocab the model was trained with")
+    raise common.BadInput(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
+                          f"{loaded.config.vocab_size}; pass the --vocab the model was trained with")
   convention = prompt_convention(args, loaded.experiment.data)
-  program = loaded.program
   return loaded, TextGenerator(loaded.params, loaded.config, vocabulary, convention,
-                               sharding_context=program.sharding_context,
-                               batch_multiple=batch_divisor(program.mesh, program.rules))
+                               sharding_context=loaded.sharding_context,
+                               batch_multiple=loaded.batch_multiple)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,12 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--system", default=None, help="chat: system message")
   p.add_argument("--no_stream", action="store_true", help="print each answer when complete")
   add_decoding_args(p)
+  common.add_verbose_flag(p)
   return p
 
 
 def _read_prompts(args) -> list[str]:
   prompts = list(args.prompt)
   if args.prompts_file:
+    if not os.path.isfile(args.prompts_file):
+      raise common.BadInput(f"--prompts_file {args.prompts_file} is not a file")
     with open(args.prompts_file, encoding="utf-8") as f:
       prompts += [line.rstrip("\n").replace("\\n", "\n") for line in f if line.strip()]
   return prompts
@@ -132,21 +136,18 @@ def _stdin_lines():
       yield line
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-  try:
-    prompts = _read_prompts(args)
-    if not prompts and args.mode != "chat":
-      raise ValueError("give --prompt TEXT or --prompts_file FILE (or --mode chat for a conversation)")
-    options = options_from_args(args)
-    _, generator = text_generator(args)
-  except (ValueError, OSError) as e:
-    print(f"glmjax generate: {e}", file=sys.stderr)
-    return 2
+def _generate(args) -> int:
+  prompts = _read_prompts(args)
+  if not prompts and args.mode != "chat":
+    raise common.BadInput("give --prompt TEXT or --prompts_file FILE (or --mode chat for a conversation)")
+  options = options_from_args(args)
+  _, generator = text_generator(args)
   if args.mode == "chat":
     _chat(generator, options, args, prompts)
     return 0
   mode = generator.mode_of(generator.encode(prompts[0]), args.mode)
+  for prompt in prompts:
+    generator.check_prompt(generator.encode(prompt), mode, options)
   if len(prompts) == 1 and not args.no_stream and args.strategy != "beam" and mode != "blank":
     print(prompts[0], end="", flush=True)
     generator.complete(prompts, options, mode, on_text=lambda piece: print(piece, end="", flush=True))
@@ -156,3 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for prompt, answer in zip(prompts, answers):
     print(f"### {prompt}\n{answer}\n")
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = common.parse_args(build_parser(), argv)
+  common.setup_logging(args.verbose)
+  return common.run("glmjax generate", lambda: _generate(args), args.verbose)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+from glmjax.cli import common
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -58,12 +61,20 @@ def _parse_ids(line: str) -> list[int]:
   try:
     ids = json.loads(line) if line.startswith("[") else [int(t) for t in line.split()]
   except ValueError as e:
-    raise SystemExit(f"glmjax tokenizer decode: cannot read ids from {line!r}: {e}") from e
+    raise common.BadInput(f"decode: cannot read ids from {line!r}: {e}") from e
   return [int(i) for i in ids]
 
 
 def main(argv: list[str] | None = None) -> int:
   args = _build_parser().parse_args(argv)
+  return common.run("glmjax tokenizer", lambda: _run(args))
+
+
+def _run(args) -> int:
+  for flag in ("model",):
+    path = getattr(args, flag, None)
+    if path and not os.path.isfile(path):
+      raise common.BadInput(f"--{flag} {path} is not a file; give a SentencePiece .model file")
   from glmjax.tasks import vocab  # pylint: disable=import-outside-toplevel
   if args.command == "train":
     path = vocab.train_sentencepiece(args.input, args.vocab_size, args.out, model_type=args.model_type,

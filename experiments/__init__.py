@@ -1,0 +1,1 @@
+# A package so gin's Python-path reader (gin.resource_reader) resolves include 'experiments/...'.

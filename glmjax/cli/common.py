@@ -1,0 +1,99 @@
+"""Plumbing every `glmjax` subcommand shares: quiet start-up, the exit-code contract, flags.
+
+Exit codes (every command):
+  0    done
+  1    the job itself failed (a bug or a diverged run; the traceback is printed)
+  2    bad input: one line on stderr naming the field, flag or file and the fix,
+       before anything expensive runs
+  130  stopped by Ctrl-C (`glmjax train` saves a checkpoint first and a re-run resumes;
+       a second Ctrl-C aborts at once)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, Optional, Sequence
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Exceptions that mean "the user's input is wrong". Library code raises ValueError with a
+# message naming the field and the fix; file system errors name their file.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+               PermissionError, FileExistsError)
+
+
+class BadInput(ValueError):
+  """A user mistake found by the CLI itself (a flag, a file)."""
+
+
+def one_line(error: BaseException) -> str:
+  """The message on one line (multi-line library messages are joined with '; ')."""
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  return "; ".join(lines) if lines else type(error).__name__
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--verbose", action="store_true",
+                      help="show library logs (TensorFlow, absl, orbax) and full tracebacks")
+
+
+def wants_verbose(argv: Sequence[str]) -> bool:
+  return "--verbose" in argv or os.environ.get("GLMJAX_VERBOSE", "") not in ("", "0")
+
+
+def setup_logging(verbose: bool) -> None:
+  """glmjax's own INFO lines; library loggers at WARNING (ERROR when quiet)."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  level = logging.INFO if verbose else logging.ERROR
+  for noisy in ("absl", "jax", "jax._src", "orbax", "tensorflow", "seqio", "etils", "fsspec"):
+    logging.getLogger(noisy).setLevel(level)
+
+
+def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
+  """Runs a command body under the exit-code contract of the module docstring."""
+  try:
+    return int(body() or 0)
+  except KeyboardInterrupt:
+    print(f"\n{prog}: aborted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  except USER_ERRORS as e:
+    if verbose:
+      traceback.print_exc()
+    print(f"{prog}: {one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
+  return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+
+
+def check_output_file(path: Optional[str], flag: str) -> None:
+  """An output file's folder must exist and the path must not be a folder (checked before the
+  work that produces the file, so a typo does not cost a whole evaluation)."""
+  if not path:
+    return
+  path = os.path.abspath(path)
+  if os.path.isdir(path):
+    raise BadInput(f"{flag} {path} is a folder; give a file path")
+  parent = os.path.dirname(path)
+  if not os.path.isdir(parent):
+    raise BadInput(f"{flag} {path}: the folder {parent} does not exist; create it first")
+
+
+# --- the model arguments generate / eval / export share ---------------------------------------
+
+def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True, help="`glmjax train` workdir (or its checkpoints/)")
+  p.add_argument("--step", type=int, default=None,
+                 help="checkpoint step (default: the newest readable one)")
+
+
+def load_checkpoint_params(args, prog: str):
+  """glmjax.workdir.load_params for --checkpoint / --step, reporting skipped steps on stderr."""
+  from glmjax import workdir  # pylint: disable=import-outside-toplevel
+  return workdir.load_params(args.checkpoint, args.step,
+                             log=lambda line: print(f"{prog}: {line}", file=sys.stderr))
