@@ -28,6 +28,11 @@ into the batch contract (+ segment_ids). get_dataset(...) runs the lot:
               pack=True, num_epochs=None, bidirectional_inputs=True,
               positions_1d=False, count_truncated=False) -> tf.data.Dataset
 
+seqio_batches(name, ...) takes any registered task or mixture: the flat GLM
+example through get_dataset, a `targets`-only task as plain causal LM
+(seqio.DecoderFeatureConverter). import_task_modules(modules) imports the
+user modules that register more tasks (DataConfig.modules).
+
 DatasetIterator(dataset) yields numpy dicts and saves/restores its position.
 """
 
@@ -39,9 +44,10 @@ _tf.config.set_visible_devices([], "GPU")
 
 from glmjax.tasks import objectives, formats, sources, synthetic, corpus, vocab  # noqa: E402,F401
 from glmjax.tasks.converter import GLMFeatureConverter  # noqa: E402
-from glmjax.tasks.pipeline import DatasetIterator, get_dataset  # noqa: E402
-from glmjax.tasks.registry import (output_features, register_chat_task, register_flan_task,
-                                   register_instruction_task, register_text_task, chat_jsonl_source)
+from glmjax.tasks.pipeline import DatasetIterator, get_dataset, seqio_batches  # noqa: E402
+from glmjax.tasks.registry import (chat_jsonl_source, import_task_modules, output_features,
+                                   register_chat_task, register_flan_task, register_instruction_task,
+                                   register_text_task)
 from glmjax.tasks.vocab import default_vocabulary, special_ids  # noqa: E402
 
 from glmjax.tasks import registry as _registry
@@ -50,6 +56,6 @@ _registry.register_all()
 
 __all__ = [
     "DatasetIterator", "GLMFeatureConverter", "chat_jsonl_source", "default_vocabulary", "get_dataset",
-    "output_features", "register_chat_task", "register_flan_task", "register_instruction_task",
-    "register_text_task", "special_ids",
+    "import_task_modules", "output_features", "register_chat_task", "register_flan_task",
+    "register_instruction_task", "register_text_task", "seqio_batches", "special_ids",
 ]

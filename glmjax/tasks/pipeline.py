@@ -7,6 +7,10 @@ state and positions, a few MB). Each process saves its own state, e.g.
 arguments before restoring. When that state is missing (an old checkpoint,
 or a changed pipeline) the pipeline is still deterministic from its seed,
 so `dataset.skip(step)` reproduces the stream at the cost of recomputing it.
+
+`seqio_batches` is the trainer's entry: any registered task or mixture, the
+flat GLM example (glmjax's tasks, through `get_dataset`) or plain causal LM
+(a task with only a `targets` feature, through seqio's DecoderFeatureConverter).
 """
 
 from __future__ import annotations
@@ -81,6 +85,57 @@ def get_dataset(mixture_or_task_name: Union[str, seqio.Task, seqio.Mixture], *,
   else:
     ds = ds.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _contract_from_decoder_features(ex: dict, pack: bool) -> dict:
+  """seqio.DecoderFeatureConverter output -> batch contract (causal LM, no Part A)."""
+  targets = ex["decoder_target_tokens"]
+  if pack:
+    segment_ids, positions = ex["decoder_segment_ids"], ex["decoder_positions"]
+  else:
+    segment_ids = tf.cast(targets != 0, tf.int32)
+    positions = tf.broadcast_to(tf.range(tf.shape(targets)[-1], dtype=tf.int32), tf.shape(targets))
+  zeros = tf.zeros_like(targets, tf.int32)
+  return {"tokens": ex["decoder_input_tokens"], "targets": targets,
+          "loss_mask": tf.cast(ex["decoder_loss_weights"], tf.float32),
+          "segment_ids": segment_ids, "positions": positions, "block_positions": zeros,
+          "bidirectional": zeros}
+
+
+def _causal_lm_dataset(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
+                       seed: int, shard_info, pack: bool, num_epochs: Optional[int]) -> tf.data.Dataset:
+  """A seqio task/mixture with a `targets` feature as packed causal LM (seqio's decoder converter)."""
+  lengths = {"targets": sequence_length}
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+      sequence_length=lengths, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
+      num_epochs=num_epochs)
+  ds = seqio.DecoderFeatureConverter(pack=pack)(ds, lengths)
+  ds = ds.map(lambda ex: _contract_from_decoder_features(ex, pack), num_parallel_calls=tf.data.AUTOTUNE,
+              deterministic=True)
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+def _feature_keys(name: str) -> set:
+  return set(seqio.get_mixture_or_task(name).output_features)
+
+
+def seqio_batches(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
+                  seed: int, shard_info: Optional[seqio.ShardInfo], pack: bool, num_epochs: Optional[int],
+                  bidirectional_inputs: bool = True, positions_1d: bool = False) -> tf.data.Dataset:
+  """tf.data.Dataset of contract batches from any registered seqio task or mixture.
+
+  Tasks whose only feature is `targets` (a user's plain text task) are causal
+  LM through seqio's DecoderFeatureConverter; every other task (the flat GLM
+  example: blank infilling, Flan, chat) goes through `get_dataset`.
+  """
+  if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
+    raise ValueError(f"DataConfig.mixture={name!r} is not a registered seqio task or mixture; "
+                     "register it in a module named in DataConfig.modules (glmjax train --module ...)")
+  kwargs = dict(sequence_length=sequence_length, batch_size=batch_size, split=split, shuffle=shuffle,
+                seed=seed, shard_info=shard_info, pack=pack, num_epochs=num_epochs)
+  if _feature_keys(name) == {"targets"}:
+    return _causal_lm_dataset(name, **kwargs)
+  return get_dataset(name, bidirectional_inputs=bidirectional_inputs, positions_1d=positions_1d, **kwargs)
 
 
 class DatasetIterator:

@@ -21,6 +21,7 @@ Registered on `import glmjax.tasks` (splits: train, validation):
 from __future__ import annotations
 
 import functools
+import importlib
 import random
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -36,6 +37,20 @@ SPLITS = ("train", "validation")
 CORPUS_SHUFFLE_BUFFER = 128
 RECORD_SHUFFLE_BUFFER = 32
 _QA_ID_BASE = {"train": 0, "validation": 1_000_000}
+
+
+def import_task_modules(modules: Sequence[str] = ()) -> None:
+  """Imports the user's task modules (DataConfig.modules), which register their seqio tasks.
+
+  glmjax's own tasks are registered already: importing this module imported
+  glmjax.tasks.
+  """
+  for name in modules:
+    try:
+      importlib.import_module(name)
+    except ImportError as e:
+      raise ValueError(f"DataConfig.modules: cannot import {name!r} ({e}); "
+                       "give an importable module that registers your seqio tasks") from e
 
 
 def output_features(vocabulary: Optional[seqio.Vocabulary] = None) -> dict[str, seqio.Feature]:

@@ -29,11 +29,13 @@ import gzip
 import json
 import os
 import pathlib
+import struct
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
 import seqio
 import sentencepiece as spm
+import tensorflow_text as tf_text
 from sentencepiece import sentencepiece_model_pb2
 
 DATA_DIR = pathlib.Path(__file__).resolve().parent / "data"
@@ -84,6 +86,32 @@ _FIELD_OF_TOKEN = {MASK: "mask", SMASK: "smask", GMASK: "gmask", SOP: "sop", EOP
                    OBSERVATION: "observation", NEWLINE: "newline"}
 
 
+# A SentencePiece precompiled charsmap that matches no input: <trie size, uint32><double-array
+# trie><normalized strings>. The trie (darts-clone units) is a root whose children sit at
+# 256 + byte and are all empty, so every lookup fails on its first byte (a NUL byte "matches"
+# an empty unit, which is no rule either) and the normalizer copies each character, malformed
+# bytes becoming U+FFFD, exactly as with no charsmap. The root passes darts' validate().
+_MATCH_NOTHING_TRIE = struct.pack("<512I", 256 << 10, *([0] * 511))
+MATCH_NOTHING_CHARSMAP = struct.pack("<I", len(_MATCH_NOTHING_TRIE)) + _MATCH_NOTHING_TRIE + b"\0"
+
+
+@functools.lru_cache(maxsize=8)
+def with_match_nothing_charsmap(sp_model: bytes) -> bytes:
+  """The serialized model, its empty (identity) charsmap replaced by MATCH_NOTHING_CHARSMAP.
+
+  The SentencePiece copy inside tensorflow-text logs "precompiled_charsmap is
+  empty. use identity normalization." to stderr for every identity-normalized
+  model (the shipped one, LLaMA's), from a tf.data thread where no filter
+  reaches; a charsmap without rules normalizes the same and says nothing.
+  """
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(sp_model)
+  if proto.normalizer_spec.precompiled_charsmap:
+    return sp_model
+  proto.normalizer_spec.precompiled_charsmap = MATCH_NOTHING_CHARSMAP
+  return proto.SerializeToString()
+
+
 def _missing_specials(processor: spm.SentencePieceProcessor) -> list[str]:
   return [t for t in SPECIAL_TOKENS if processor.piece_to_id(t) == processor.unk_id()]
 
@@ -104,6 +132,17 @@ class GLMVocabulary(seqio.SentencePieceVocabulary):
           f"sentencepiece_model_file={sentencepiece_model_file} lacks the special tokens "
           f"{missing}; add them with `glmjax tokenizer add-specials --model "
           f"{sentencepiece_model_file} --out NEW.model` and load NEW.model")
+
+  @property
+  def tf_tokenizer(self):
+    """tf_text's tokenizer (encode_tf / decode_tf), on the model with a rule-free charsmap.
+
+    Same ids as the Python tokenizer, without tensorflow-text's log line (see
+    `with_match_nothing_charsmap`); exported / saved models keep `sp_model`.
+    """
+    if self._use_fast_tokenizer:
+      return super().tf_tokenizer
+    return tf_text.SentencepieceTokenizer(model=with_match_nothing_charsmap(self.sp_model))
 
   @functools.cached_property
   def special_ids(self) -> SpecialIds:

@@ -23,7 +23,6 @@ Resume is exact either way:
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import itertools
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -49,16 +48,6 @@ class DataConfig:
   # operative gin config, so `glmjax generate` / `glmjax eval` lay prompts out the same way.
   bidirectional_inputs: bool = True
   positions_1d: bool = False
-
-
-def import_task_modules(config: DataConfig) -> None:
-  """Imports glmjax.tasks (registers the shipped tasks) and the user's task modules."""
-  for name in ("glmjax.tasks",) + tuple(config.modules):
-    try:
-      importlib.import_module(name)
-    except ImportError as e:
-      raise ValueError(f"DataConfig.modules: cannot import {name!r} ({e}); "
-                       "give an importable module that registers your seqio tasks") from e
 
 
 def resolve_num_shards(config: DataConfig, process_count: int) -> int:
@@ -161,71 +150,20 @@ def from_tf_dataset(make_dataset: Callable[[], Any], layout: Optional[dict] = No
 
 
 # --- seqio ----------------------------------------------------------------------------------
+# The tf.data pipeline itself is glmjax.tasks' (seqio_batches); here it is split into
+# per-process shards and wrapped as resumable streams.
 
-def _contract_from_decoder_features(ex: dict, pack: bool) -> dict:
-  """seqio.DecoderFeatureConverter output -> batch contract (causal LM, no Part A)."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  targets = ex["decoder_target_tokens"]
-  if pack:
-    segment_ids, positions = ex["decoder_segment_ids"], ex["decoder_positions"]
-  else:
-    segment_ids = tf.cast(targets != 0, tf.int32)
-    positions = tf.broadcast_to(tf.range(tf.shape(targets)[-1], dtype=tf.int32), tf.shape(targets))
-  zeros = tf.zeros_like(targets, tf.int32)
-  return {"tokens": ex["decoder_input_tokens"], "targets": targets,
-          "loss_mask": tf.cast(ex["decoder_loss_weights"], tf.float32),
-          "segment_ids": segment_ids, "positions": positions, "block_positions": zeros,
-          "bidirectional": zeros}
-
-
-def _causal_lm_dataset(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
-                       seed: int, shard_info, pack: bool, num_epochs: Optional[int]):
-  """A seqio task/mixture with a `targets` feature as packed causal LM (seqio's decoder converter)."""
-  import seqio  # pylint: disable=import-outside-toplevel
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  lengths = {"targets": sequence_length}
-  ds = seqio.get_mixture_or_task(name).get_dataset(
-      sequence_length=lengths, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
-      num_epochs=num_epochs)
-  ds = seqio.DecoderFeatureConverter(pack=pack)(ds, lengths)
-  ds = ds.map(lambda ex: _contract_from_decoder_features(ex, pack), num_parallel_calls=tf.data.AUTOTUNE,
-              deterministic=True)
-  return ds.batch(batch_size, drop_remainder=True)
-
-
-def _feature_keys(name: str) -> set:
-  import seqio  # pylint: disable=import-outside-toplevel
-  return set(seqio.get_mixture_or_task(name).output_features)
-
-
-def seqio_batches(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
-                  seed: int, shard_info, pack: bool, num_epochs: Optional[int],
-                  bidirectional_inputs: bool = True, positions_1d: bool = False):
-  """tf.data.Dataset of contract batches from a registered seqio task or mixture.
-
-  Tasks with an `inputs` feature (GLM blank infilling, Flan) go through
-  `glmjax.tasks.get_dataset` (GLMFeatureConverter); tasks with only `targets`
-  are plain causal LM.
-  """
-  import seqio  # pylint: disable=import-outside-toplevel
-  if name not in seqio.TaskRegistry.names() and name not in seqio.MixtureRegistry.names():
-    raise ValueError(f"DataConfig.mixture={name!r} is not a registered seqio task or mixture; "
-                     "register it in a module named in DataConfig.modules (glmjax train --module ...)")
-  kwargs = dict(sequence_length=sequence_length, batch_size=batch_size, split=split, shuffle=shuffle,
-                seed=seed, shard_info=shard_info, pack=pack, num_epochs=num_epochs)
-  if _feature_keys(name) == {"targets"}:
-    return _causal_lm_dataset(name, **kwargs)
+def _import_tasks(config: DataConfig):
+  """glmjax.tasks (registers the shipped tasks; imports TensorFlow) plus DataConfig.modules."""
   import glmjax.tasks as tasks  # pylint: disable=import-outside-toplevel
-  if not hasattr(tasks, "get_dataset"):
-    raise ValueError(f"task {name!r} has features {sorted(_feature_keys(name))}; it needs "
-                     "glmjax.tasks.get_dataset (the GLM feature converter), which this install lacks")
-  return tasks.get_dataset(name, bidirectional_inputs=bidirectional_inputs, positions_1d=positions_1d,
-                           **kwargs)
+  tasks.import_task_modules(config.modules)
+  return tasks
 
 
 def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
                     num_epochs: Optional[int], process_index: int, process_count: int) -> Callable:
   """() -> tf.data.Dataset of this process's rows: its shards' batches zipped and concatenated."""
+  tasks = _import_tasks(config)
   import seqio  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
   shards = resolve_num_shards(config, process_count)
@@ -233,13 +171,15 @@ def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
   rows = config.batch_size // shards
   mine = range(process_index * per_process, (process_index + 1) * per_process)
 
+  def shard(s: int):
+    return tasks.seqio_batches(name, sequence_length=config.sequence_length, batch_size=rows, split=split,
+                               shuffle=shuffle, seed=config.seed, pack=config.pack, num_epochs=num_epochs,
+                               shard_info=seqio.ShardInfo(index=s, num_shards=shards) if shards > 1 else None,
+                               bidirectional_inputs=config.bidirectional_inputs,
+                               positions_1d=config.positions_1d)
+
   def make():
-    parts = [seqio_batches(name, sequence_length=config.sequence_length, batch_size=rows, split=split,
-                           shuffle=shuffle, seed=config.seed, pack=config.pack, num_epochs=num_epochs,
-                           shard_info=seqio.ShardInfo(index=s, num_shards=shards) if shards > 1 else None,
-                           bidirectional_inputs=config.bidirectional_inputs,
-                           positions_1d=config.positions_1d)
-             for s in mine]
+    parts = [shard(s) for s in mine]
     if len(parts) == 1:
       return parts[0]
     return tf.data.Dataset.zip(tuple(parts)).map(
@@ -248,7 +188,6 @@ def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
 
 
 def train_stream(config: DataConfig, process_index: int = 0, process_count: int = 1) -> ResumableStream:
-  import_task_modules(config)
   make = _shard_datasets(config, config.mixture, config.train_split, shuffle=config.shuffle,
                          num_epochs=None, process_index=process_index, process_count=process_count)
   layout = {"mixture": config.mixture, "num_shards": resolve_num_shards(config, process_count),
@@ -259,7 +198,6 @@ def train_stream(config: DataConfig, process_index: int = 0, process_count: int 
 
 def eval_batches(config: DataConfig, process_index: int = 0, process_count: int = 1) -> list:
   """The first `eval_batches` batches of the validation split (fixed, unshuffled); all of it when 0."""
-  import_task_modules(config)
   name = config.eval_mixture or config.mixture
   make = _shard_datasets(config, name, config.eval_split, shuffle=False, num_epochs=1,
                          process_index=process_index, process_count=process_count)
