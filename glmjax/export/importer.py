@@ -2,16 +2,16 @@
 
 Reads every class `to_huggingface` writes (LLaMA, GLM / GLM-4, Cohere,
 GPT-NeoX, GPT-2, BLOOM and the glmjax torch reference model). A folder written
-by glmjax carries its exact ModelConfig in config.json ("glmjax_config"), so
+by glmjax carries its ModelConfig's architecture fields in config.json
+("glmjax_config"; runtime fields such as attention_impl get their defaults), so
 import(export(params)) == params bit for bit; other folders get the
 ModelConfig the transformers config describes. Tensors are read lazily from
-memory-mapped safetensors, one at a time.
+memory-mapped safetensors, one at a time; a damaged file is a ValueError naming it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -21,6 +21,7 @@ import numpy as np
 
 from glmjax.export import safetensors_io, targets
 from glmjax.model import ModelConfig, is_spec, param_specs
+from glmjax.model.config import RUNTIME_FIELDS, architecture_fields
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,7 @@ def read_config_json(hf_dir: str) -> dict:
   if not os.path.exists(path):
     raise FileNotFoundError(f"{hf_dir} has no config.json; pass a folder written by save_pretrained "
                             "or glmjax export")
-  with open(path) as f:
-    return json.load(f)
+  return safetensors_io.read_json(path, "config.json")
 
 
 def target_for(raw: dict) -> targets.Target:
@@ -47,12 +47,13 @@ def target_for(raw: dict) -> targets.Target:
 
 
 def stored_config(raw: dict) -> Optional[ModelConfig]:
-  """The ModelConfig glmjax export stored in config.json, if any."""
+  """The ModelConfig glmjax export stored in config.json, if any. Runtime fields (RUNTIME_FIELDS)
+  get ModelConfig defaults: exports store none, older ones did and those values are ignored."""
   values = raw.get(targets.CONFIG_KEY)
   if values is None:
     return None
-  names = {f.name for f in dataclasses.fields(ModelConfig)}
-  unknown = sorted(set(values) - names)
+  names = {f.name for f in dataclasses.fields(ModelConfig)} - RUNTIME_FIELDS
+  unknown = sorted(set(values) - names - RUNTIME_FIELDS)
   if unknown:
     log.warning("config.json %s has fields this glmjax does not know: %s (ignored)",
                 targets.CONFIG_KEY, unknown)
@@ -166,7 +167,16 @@ def from_huggingface(hf_dir: str, *, param_dtype: Optional[str] = None,
   """
   raw = read_config_json(hf_dir)
   target = target_for(raw)
-  reader = safetensors_io.SafetensorsReader(hf_dir)
+  with safetensors_io.SafetensorsReader(hf_dir) as reader:
+    params, config = _read(hf_dir, raw, target, reader, use_stored_config)
+  if param_dtype is not None:
+    config = dataclasses.replace(config, param_dtype=param_dtype)
+    params = _cast(params, param_dtype)
+  return params, config
+
+
+def _read(hf_dir: str, raw: dict, target: targets.Target, reader, use_stored_config: bool):
+  """(params, config): under the stored glmjax config when it still describes the folder."""
   config = stored_config(raw) if use_stored_config or target is targets.REFERENCE else None
   if target is targets.REFERENCE and config is None:
     raise ValueError(f"{hf_dir}/config.json has model_type 'glmjax' but no {targets.CONFIG_KEY}")
@@ -189,9 +199,6 @@ def from_huggingface(hf_dir: str, *, param_dtype: Optional[str] = None,
   if config is None:
     config = _with_dtype(native_config(hf_dir, target), raw)
     params = assemble(reader, config, target)
-  if param_dtype is not None:
-    config = dataclasses.replace(config, param_dtype=param_dtype)
-    params = _cast(params, param_dtype)
   return params, config
 
 
@@ -223,10 +230,12 @@ Exit codes: 0 imported, 2 bad arguments, unsupported checkpoint or OUT already h
 
 
 def model_gin(config: ModelConfig, source: str) -> str:
-  """gin bindings of every ModelConfig field, in the style of experiments/models/*.gin."""
-  lines = [f"# Imported from {source} by `glmjax import`.", ""]
-  lines += [f"ModelConfig.{field.name} = {getattr(config, field.name)!r}"
-            for field in dataclasses.fields(ModelConfig)]
+  """gin bindings of the model's identity (every ModelConfig field but RUNTIME_FIELDS), in the
+  style of experiments/models/*.gin. It is parsed after the experiment's files, so a runtime field
+  here would silently override the experiment's attention_impl / dtype / remat_policy."""
+  lines = [f"# Imported from {source} by `glmjax import`. Runtime fields ("
+           f"{', '.join(sorted(RUNTIME_FIELDS))}) are left to the experiment's gin files.", ""]
+  lines += [f"ModelConfig.{name} = {value!r}" for name, value in architecture_fields(config).items()]
   return "\n".join(lines) + "\n"
 
 

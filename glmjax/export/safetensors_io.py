@@ -1,4 +1,4 @@
-"""Streaming safetensors: write one tensor at a time, read lazily with memory maps.
+"""Streaming safetensors: write one tensor at a time; read lazily with the `safetensors` package.
 
 The format (https://huggingface.co/docs/safetensors): an 8-byte little-endian
 header size N, N bytes of JSON ({name: {dtype, shape, data_offsets}},
@@ -7,8 +7,13 @@ little-endian host, as every jax platform is). Every offset is known from the
 shapes alone, so a file is written header first and then
 tensor by tensor: only the tensor being written is ever in host memory, which
 is what lets a model larger than one host's memory be exported from sharded
-device arrays. Large models are split into shards named as transformers
-expects (`model-00001-of-00004.safetensors`) with a `model.safetensors.index.json`.
+device arrays (`safetensors.numpy.save_file` needs every tensor at once). Large
+models are split into shards named as transformers expects
+(`model-00001-of-00004.safetensors`) with a `model.safetensors.index.json`.
+
+Reading goes through `safetensors.safe_open` (headers validated, memory-mapped,
+bfloat16 as ml_dtypes.bfloat16); a truncated or corrupt file, index or missing
+shard is a ValueError that names the file and says to re-download or re-export it.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ DTYPE_NAMES = {
     np.dtype(np.int16): "I16", np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8",
     np.dtype(np.bool_): "BOOL",
 }
-NAME_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -49,15 +53,16 @@ class PendingTensor:
 
 def parse_size(size) -> int:
   """'5GB' / '500MB' / '2GiB' / int bytes -> bytes (decimal units, as transformers reads them)."""
-  if isinstance(size, int):
-    return size
-  match = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
-  if not match:
-    raise ValueError(f"max_shard_size={size!r} is not a size like '5GB', '500MB' or 1000000")
+  match = None
+  if not isinstance(size, bool):
+    match = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
+  if not match or float(match.group(1)) <= 0:
+    raise ValueError(f"max_shard_size={size!r} is not a positive size like '5GB', '500MB' or "
+                     "1000000")
   unit = (match.group(2) or "B").upper()
   scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-  return int(float(match.group(1)) * scale)
+  return max(1, int(float(match.group(1)) * scale))
 
 
 def plan_shards(tensors: Sequence[PendingTensor], max_shard_bytes: int) -> list[list[PendingTensor]]:
@@ -123,47 +128,100 @@ def write_sharded(out_dir: str, tensors: Sequence[PendingTensor], max_shard_size
   return files + [INDEX_FILE]
 
 
+REDOWNLOAD = "re-download or re-export it"
+
+
+def unreadable(path: str, what: str, reason) -> ValueError:
+  """The error for a damaged file: which file, what it should be, why it is not, what to do."""
+  return ValueError(f"{path} is not a readable {what} (truncated?): {reason}; {REDOWNLOAD}")
+
+
+def read_json(path: str, what: str = "JSON file") -> dict:
+  """A JSON object from `path`; a truncated or corrupt file is a ValueError naming it."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise unreadable(path, what, e) from e
+  if not isinstance(value, dict):
+    raise unreadable(path, what, f"holds a {type(value).__name__}, not a JSON object")
+  return value
+
+
+def weight_files(directory: str) -> dict:
+  """{file name: tensor names the index assigns to it, or None for the single file} of a folder:
+  the sharded index when present, else `model.safetensors`."""
+  index = os.path.join(directory, INDEX_FILE)
+  if os.path.exists(index):
+    weight_map = read_json(index, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise unreadable(index, "safetensors index", "no \"weight_map\" of tensor names to files")
+    files = {}
+    for name, filename in weight_map.items():
+      files.setdefault(filename, set()).add(name)
+    for filename in files:
+      if not os.path.exists(os.path.join(directory, filename)):
+        raise ValueError(f"{os.path.join(directory, filename)} is missing: {index} lists it as a "
+                         f"shard of the weights; {REDOWNLOAD}")
+    return files
+  if os.path.exists(os.path.join(directory, SINGLE_FILE)):
+    return {SINGLE_FILE: None}
+  raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
+                          "save the model with save_pretrained(..., safe_serialization=True)")
+
+
+def open_file(path: str):
+  """A `safetensors.safe_open` handle (memory-mapped, numpy arrays incl. ml_dtypes.bfloat16)."""
+  from safetensors import SafetensorError, safe_open  # pylint: disable=import-outside-toplevel
+  try:
+    return safe_open(path, framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise unreadable(path, "safetensors file", e) from e
+
+
 class SafetensorsReader:
-  """Lazy access to every tensor of a HuggingFace folder (single file or sharded index)."""
+  """Lazy access to every tensor of a HuggingFace folder (single file or sharded index).
+
+  Only the headers are read up front (with the `safetensors` package, which also checks that
+  each file is as long as its header says); `get` reads one tensor from its memory map.
+  """
 
   def __init__(self, directory: str):
     self.directory = directory
-    index = os.path.join(directory, INDEX_FILE)
-    if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f)["weight_map"]
-      files = sorted(set(weight_map.values()))
-    elif os.path.exists(os.path.join(directory, SINGLE_FILE)):
-      files = [SINGLE_FILE]
-    else:
-      raise FileNotFoundError(f"{directory} has neither {SINGLE_FILE} nor {INDEX_FILE}; "
-                              "save the model with save_pretrained(..., safe_serialization=True)")
-    self._entries = {}
-    for filename in files:
+    self._handles, self._file_of = {}, {}
+    for filename, listed in weight_files(directory).items():
       path = os.path.join(directory, filename)
-      with open(path, "rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-      for name, info in header.items():
-        if name != "__metadata__":
-          self._entries[name] = (path, 8 + size, info)
+      handle = self._handles[path] = open_file(path)
+      names = set(handle.keys())
+      if listed is not None and not listed <= names:
+        raise unreadable(path, "shard of this checkpoint", f"{os.path.join(directory, INDEX_FILE)} "
+                         f"lists tensors it does not hold: {sorted(listed - names)[:5]}")
+      self._file_of.update({name: path for name in names})
 
   def names(self) -> list[str]:
-    return list(self._entries)
+    return list(self._file_of)
 
   def __contains__(self, name: str) -> bool:
-    return name in self._entries
+    return name in self._file_of
 
   def shape(self, name: str) -> tuple:
-    return tuple(self._entries[name][2]["shape"])
+    return tuple(self._handles[self._file_of[name]].get_slice(name).get_shape())
 
   def get(self, name: str) -> np.ndarray:
-    if name not in self._entries:
+    if name not in self._file_of:
       raise KeyError(f"{self.directory} has no tensor {name!r}")
-    path, data_start, info = self._entries[name]
-    begin, end = info["data_offsets"]
-    dtype = NAME_DTYPES[info["dtype"]]
-    shape = tuple(info["shape"])
-    if end == begin:
-      return np.zeros(shape, dtype)
-    return np.asarray(np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin, shape=shape))
+    from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+    path = self._file_of[name]
+    try:
+      return self._handles[path].get_tensor(name)
+    except (SafetensorError, OSError) as e:
+      raise unreadable(path, "safetensors file", f"tensor {name!r}: {e}") from e
+
+  def close(self) -> None:
+    self._handles.clear()  # safe_open handles unmap when dropped
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()

@@ -37,6 +37,22 @@ BPE = 2  # TrainerSpec.ModelType
 SPACE = "\u2581"
 
 
+def check(tokenizer) -> None:
+  """What can be checked before an export writes anything: that `tokenizer` is None, an existing
+  SentencePiece file, a folder with HuggingFace tokenizer files, model bytes or a vocabulary.
+  (Whether a SentencePiece model is exportable exactly is checked while writing it.)"""
+  if tokenizer is None or isinstance(tokenizer, (bytes, bytearray)) or hasattr(tokenizer, "sp_model"):
+    return
+  if not isinstance(tokenizer, (str, os.PathLike)):
+    sentencepiece_bytes(tokenizer)  # the TypeError naming what is accepted
+  if os.path.isdir(tokenizer):
+    if not any(os.path.exists(os.path.join(tokenizer, name)) for name in HF_TOKENIZER_FILES):
+      raise ValueError(f"tokenizer folder {tokenizer} has none of {HF_TOKENIZER_FILES}")
+  elif not os.path.isfile(tokenizer):
+    raise ValueError(f"tokenizer {tokenizer} does not exist; pass a SentencePiece .model file or a "
+                     "folder of HuggingFace tokenizer files")
+
+
 def sentencepiece_bytes(tokenizer) -> bytes:
   if isinstance(tokenizer, (bytes, bytearray)):
     return bytes(tokenizer)

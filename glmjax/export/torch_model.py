@@ -1,12 +1,17 @@
 """A plain PyTorch twin of `glmjax.model.forward`, for architectures no transformers class represents.
 
-Depends only on torch (no jax, no transformers, no safetensors package), so
-`glmjax export` can copy this file next to the weights as
-`modeling_glmjax.py` and a torch user can run the model with
+Depends on torch and the safetensors package only (no jax, no glmjax;
+transformers is optional), so `glmjax export` copies this file next to the
+weights as `modeling_glmjax.py` and config.json's auto_map points transformers
+at it:
+
+    model = AutoModelForCausalLM.from_pretrained("exported_dir", trust_remote_code=True)
+    logits = model(tokens).logits                      # [batch, length, vocab], float32
+
+or, with torch alone (no transformers):
 
     from modeling_glmjax import GLMJaxForCausalLM     # or glmjax.export.torch_model
     model = GLMJaxForCausalLM.from_pretrained("exported_dir")
-    logits = model(tokens)                             # [batch, length, vocab], float32
 
 It covers every `ModelConfig` combination: layernorm / rmsnorm; pre, post,
 sandwich and DeepNorm placements; dense and gated FFNs; top-k MoE with
@@ -27,7 +32,6 @@ import dataclasses
 import json
 import math
 import os
-import struct
 from typing import Optional
 
 import torch
@@ -404,13 +408,74 @@ def moe_ffn(p: ParamGroup, x, token_mask, c: GLMJaxConfig):
   return out_TD.to(dtype).reshape(B, L, D)
 
 
-class GLMJaxForCausalLM(nn.Module):
-  """Logits [batch, length, vocab] (float32) from token ids, as `glmjax.model.forward`."""
+# --- The model: a transformers PreTrainedModel when transformers is installed -------------------
 
-  def __init__(self, config: GLMJaxConfig, dtype: Optional[torch.dtype] = None):
-    super().__init__()
-    self.config = config
-    dtype = dtype or DTYPES[config.param_dtype]
+try:  # optional: without transformers, GLMJaxForCausalLM is a plain nn.Module with the same weights
+  import transformers
+  from transformers.modeling_outputs import CausalLMOutput
+except ImportError:
+  transformers = None
+
+  @dataclasses.dataclass
+  class CausalLMOutput:
+    """What this model returns of transformers' CausalLMOutput."""
+    logits: torch.Tensor
+
+
+if transformers is not None:
+
+  class GLMJaxHFConfig(transformers.PretrainedConfig):
+    """An export's config.json as transformers reads it (config.json's auto_map names this class
+    for AutoConfig); the architecture is its `glmjax_config` entry."""
+    model_type = "glmjax"
+    glmjax_config: Optional[dict] = None
+    tie_word_embeddings: bool = False  # the model reuses the embedding itself (no lm_head tensor)
+
+    def __post_init__(self, **kwargs):
+      c = self.glmjax
+      self.vocab_size, self.hidden_size = c.vocab_size, c.d_model
+      self.num_hidden_layers, self.num_attention_heads = c.num_layers, c.num_heads
+      super().__post_init__(**kwargs)
+
+    @property
+    def glmjax(self) -> GLMJaxConfig:
+      return GLMJaxConfig.from_dict(self.glmjax_config or {})
+
+  _Base = transformers.PreTrainedModel
+else:
+  _Base = nn.Module
+
+
+class GLMJaxForCausalLM(_Base):
+  """`model(tokens).logits`: [batch, length, vocab] float32, as `glmjax.model.forward`.
+
+  With transformers installed this is a PreTrainedModel: config.json's auto_map names it, so
+  `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)` builds it, and
+  from_pretrained / save_pretrained take transformers' options. Without transformers it is an
+  nn.Module whose `from_pretrained(dir, dtype=None)` reads the same folder. No KV cache: it scores
+  whole sequences (no `generate`).
+  """
+  config_class = GLMJaxHFConfig if transformers is not None else None
+  _no_split_modules = ["Layer"]
+
+  def __init__(self, config, dtype: Optional[torch.dtype] = None):
+    from_hf = hasattr(config, "glmjax_config")  # built by transformers (from_pretrained / from_config)
+    glmjax = config.glmjax if from_hf else config
+    if transformers is None:
+      super().__init__()
+      self.config = glmjax
+    else:
+      if isinstance(config, GLMJaxConfig):
+        config = GLMJaxHFConfig(glmjax_config=dataclasses.asdict(config))
+      super().__init__(config)
+    self.glmjax = glmjax
+    if dtype is None:  # transformers' from_pretrained sets the default dtype it loads in (`dtype=`)
+      dtype = torch.get_default_dtype() if from_hf else DTYPES[glmjax.param_dtype]
+    self._build(glmjax, dtype)
+    if transformers is not None:
+      self.post_init()
+
+  def _build(self, config: GLMJaxConfig, dtype):
     D, V = config.d_model, config.vocab_size
     embed = {"embedding": (V, D)}
     if config.position in ("learned", "learned_2d"):
@@ -431,16 +496,34 @@ class GLMJaxForCausalLM(nn.Module):
     if head:
       self.lm_head = ParamGroup(head, dtype)
 
+  def _init_weights(self, module):
+    """Nothing to initialise: every weight comes from the checkpoint (a new model is zeros)."""
+
   def _norm(self, group, x):
-    c = self.config
+    c = self.glmjax
     if c.norm == "rmsnorm":
       return rms_norm(x, group.scale, c.norm_eps)
     return layer_norm(x, group.scale, group.bias if group.has("bias") else None, c.norm_eps)
 
-  def forward(self, tokens, positions=None, block_positions=None, segment_ids=None,
-              bidirectional=None):
-    """tokens [B, L] int; the optional fields follow the glmjax batch contract."""
-    c = self.config
+  def forward(self, input_ids=None, positions=None, block_positions=None, segment_ids=None,
+              bidirectional=None, attention_mask=None, *, tokens=None, **options):
+    """input_ids (or tokens) [B, L] int; the optional fields follow the glmjax batch contract.
+    transformers' attention_mask ([B, L], 0 = padding) stands for segment_ids when those are not
+    given (one segment per row). Options transformers may pass are accepted when off."""
+    unsupported = sorted(k for k, v in options.items() if v not in (None, False) and k != "return_dict")
+    if unsupported:
+      raise TypeError(f"GLMJaxForCausalLM.forward does not support {unsupported}: it has no KV "
+                      "cache and computes no loss; it returns logits")
+    tokens = input_ids if input_ids is not None else tokens
+    if segment_ids is None and attention_mask is not None:
+      segment_ids = (attention_mask != 0).long()
+    return CausalLMOutput(logits=self.logits(tokens, positions, block_positions, segment_ids,
+                                             bidirectional))
+
+  def logits(self, tokens, positions=None, block_positions=None, segment_ids=None,
+             bidirectional=None):
+    """Float32 logits [B, L, V] of tokens [B, L] (see `forward`)."""
+    c = self.glmjax
     B, L = tokens.shape
     if L > c.max_length:
       raise ValueError(f"length {L} exceeds max_length={c.max_length}")
@@ -484,51 +567,67 @@ class GLMJaxForCausalLM(nn.Module):
       logits = logits + self.lm_head.bias.float()
     return logits
 
-  @classmethod
-  def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None) -> "GLMJaxForCausalLM":
-    """Loads `config.json` + `model.safetensors` (or a sharded index) written by `glmjax export`."""
-    with open(os.path.join(path, "config.json")) as f:
-      config = GLMJaxConfig.from_dict(json.load(f)[CONFIG_KEY])
-    model = cls(config, dtype=dtype)
-    state = load_safetensors_dir(path)
-    missing, unexpected = model.load_state_dict(
-        {k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=False)
-    if missing or unexpected:
-      raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, "
-                       f"unexpected {unexpected[:5]}")
-    return model.eval()
+  if transformers is None:
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = None) -> "GLMJaxForCausalLM":
+      """Loads `config.json` + `model.safetensors` (or a sharded index) written by `glmjax export`."""
+      config = GLMJaxConfig.from_dict(read_config(path))
+      model = cls(config, dtype=dtype)
+      state = load_safetensors_dir(path)
+      missing, unexpected = model.load_state_dict(
+          {k: v.to(dtype) if dtype else v for k, v in state.items()}, strict=False)
+      if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+      return model.eval()
 
 
-# --- safetensors, read with torch alone --------------------------------------------------------
+# --- Reading an export without transformers -----------------------------------------------------
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+REDOWNLOAD = "re-download or re-export it"
+
+
+def read_json(path: str, what: str) -> dict:
+  """A JSON object; a truncated or corrupt file is a ValueError naming it and the fix."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path} is not a readable {what} (truncated?): {e}; {REDOWNLOAD}") from e
+  if not isinstance(value, dict):
+    raise ValueError(f"{path} is not a readable {what}: not a JSON object; {REDOWNLOAD}")
+  return value
+
+
+def read_config(path: str) -> dict:
+  """The architecture fields stored in an export's config.json."""
+  filename = os.path.join(path, "config.json")
+  raw = read_json(filename, "config.json")
+  if CONFIG_KEY not in raw:
+    raise ValueError(f"{filename} has no {CONFIG_KEY!r}: it was not written by glmjax export")
+  return raw[CONFIG_KEY]
 
 
 def load_safetensors_file(filename: str) -> dict:
-  """The safetensors format: u64 little-endian header size, JSON header, raw little-endian data."""
-  with open(filename, "rb") as f:
-    (header_size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(header_size))
-    data = bytearray(f.read())
-  tensors = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    begin, end = info["data_offsets"]
-    dtype = SAFETENSORS_DTYPES[info["dtype"]]
-    flat = torch.frombuffer(data, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=begin) \
-        if end > begin else torch.empty(0, dtype=dtype)
-    tensors[name] = flat.reshape(info["shape"]).clone()
-  return tensors
+  """{name: tensor} of one safetensors file (with the safetensors package)."""
+  from safetensors import SafetensorError  # pylint: disable=import-outside-toplevel
+  from safetensors.torch import load_file  # pylint: disable=import-outside-toplevel
+  if not os.path.exists(filename):
+    raise ValueError(f"{filename} is missing; {REDOWNLOAD}")
+  try:
+    return load_file(filename)
+  except (SafetensorError, OSError) as e:
+    raise ValueError(f"{filename} is not a readable safetensors file (truncated?): {e}; "
+                     f"{REDOWNLOAD}") from e
 
 
 def load_safetensors_dir(path: str) -> dict:
+  """Every tensor of `model.safetensors`, or of the shards `model.safetensors.index.json` lists."""
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = read_json(index, "safetensors index").get("weight_map") or {}
+    files = sorted(set(weight_map.values()))
   else:
     files = ["model.safetensors"]
   state = {}

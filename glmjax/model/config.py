@@ -135,6 +135,20 @@ class ModelConfig:
     return self.norm_placement != "post"
 
 
+# How a model runs, not what it is: the same weights give the same function under any value of
+# these (up to float rounding), so they are chosen by whoever runs the model (an experiment's gin
+# files, `glmjax generate` flags) and are not part of a model's identity. Exported config.json and
+# the model.gin of `glmjax import` store `architecture_fields` only. `param_dtype` is identity: it
+# is the dtype the weights are stored in.
+RUNTIME_FIELDS = frozenset({"attention_impl", "dtype", "remat_policy"})
+
+
+def architecture_fields(config: ModelConfig) -> dict:
+  """{field: value} of every ModelConfig field except RUNTIME_FIELDS, in declaration order."""
+  return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+          if f.name not in RUNTIME_FIELDS}
+
+
 def _require(condition: bool, field: str, message: str):
   if not condition:
     raise ValueError(f"ModelConfig.{field}: {message}")

@@ -97,12 +97,13 @@ def test_bfloat16_export_and_import(tmp_path):
 
 
 def test_exporting_again_into_the_same_folder_leaves_no_stale_files(tmp_path):
+  """A sharded reference export replaced by a single-file native one: nothing of the first stays."""
   params = helpers.perturbed_params(CONFIG)
   to_huggingface(params, CONFIG, str(tmp_path), target="torch", max_shard_size="30KB")
   assert (tmp_path / "modeling_glmjax.py").exists()
-  (tmp_path / "notes.txt").write_text("kept")
   result = to_huggingface(params, CONFIG, str(tmp_path))
-  assert sorted(os.listdir(tmp_path)) == sorted(list(result.files) + ["notes.txt"])
+  assert sorted(os.listdir(tmp_path)) == sorted(result.files)
+  assert exporter.MANIFEST_FILE in result.files and "model.safetensors" in result.files
   tokens = helpers.random_tokens(CONFIG.vocab_size)
   diff = np.abs(helpers.jax_logits(params, CONFIG, tokens) - helpers.hf_logits(str(tmp_path), tokens))
   assert diff.max() <= helpers.TOLERANCE

@@ -19,7 +19,7 @@ import torch
 
 from glmjax.export import from_huggingface, to_huggingface
 from glmjax.export import torch_model
-from glmjax.export.torch_model import GLMJaxForCausalLM
+from glmjax.export.torch_model import GLMJaxConfig, GLMJaxForCausalLM
 from glmjax.model import ModelConfig
 from glmjax.model.batch import may_attend
 from tests.export import helpers
@@ -66,7 +66,7 @@ def glm_batch(vocab_size: int) -> dict:
 
 def torch_logits(model, batch: dict) -> np.ndarray:
   with torch.no_grad():
-    return model(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}).numpy()
+    return model(**{k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}).logits.numpy()
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -96,15 +96,15 @@ def test_moe_case_really_drops_tokens(tmp_path):
   to_huggingface(params, config, str(tmp_path))
   batch = glm_batch(config.vocab_size)
   tight = GLMJaxForCausalLM.from_pretrained(str(tmp_path))
-  roomy = GLMJaxForCausalLM(tight.config.__class__.from_dict(
+  roomy = GLMJaxForCausalLM(GLMJaxConfig.from_dict(
       dict(CASES["moe_capacity_overflow"], expert_capacity_factor=100.0)))
   roomy.load_state_dict(tight.state_dict())
   assert np.abs(torch_logits(tight, batch) - torch_logits(roomy, batch)).max() > 1e-3
 
 
 def test_exported_folder_runs_with_torch_alone(tmp_path):
-  """The copied modeling_glmjax.py loads and runs in a process where jax and glmjax cannot be
-  imported, and gives glmjax's logits."""
+  """The copied modeling_glmjax.py loads and runs in a process where jax, glmjax and transformers
+  cannot be imported (torch and safetensors only), and gives glmjax's logits."""
   config = ModelConfig(**CASES["chatglm6b_rope_2d_deepnorm"])
   params = helpers.perturbed_params(config)
   out = tmp_path / "model"
@@ -115,7 +115,7 @@ def test_exported_folder_runs_with_torch_alone(tmp_path):
   np.save(tmp_path / "expected.npy", helpers.jax_logits(params, config, tokens))
   script = textwrap.dedent(f"""
       import sys
-      for blocked in ("jax", "jaxlib", "glmjax", "transformers", "safetensors"):
+      for blocked in ("jax", "jaxlib", "glmjax", "transformers"):
         sys.modules[blocked] = None
       sys.path.insert(0, {str(out)!r})
       import numpy as np, torch
@@ -123,7 +123,7 @@ def test_exported_folder_runs_with_torch_alone(tmp_path):
       model = GLMJaxForCausalLM.from_pretrained({str(out)!r})
       tokens = torch.tensor(np.load({str(tmp_path / 'tokens.npy')!r}), dtype=torch.long)
       with torch.no_grad():
-        logits = model(tokens, block_positions=torch.zeros_like(tokens)).numpy()
+        logits = model(tokens, block_positions=torch.zeros_like(tokens)).logits.numpy()
       diff = np.abs(logits - np.load({str(tmp_path / 'expected.npy')!r})).max()
       print("DIFF", diff)
       sys.exit(0 if diff <= {helpers.TOLERANCE} else 1)
