@@ -134,30 +134,39 @@ def _flush_stderr() -> None:
 class _QuietTensorFlow(importlib.abc.MetaPathFinder):
   """Finds `tensorflow` on its first import and loads it with the import-time noise filtered.
 
-  It steps aside (leaves sys.meta_path) on that first lookup and hands the
-  real loader back to the module, so TensorFlow is imported as usual,
-  only quieter.
+  It steps aside (leaves sys.meta_path) once TensorFlow is really imported and
+  hands the real loader back to the module, so TensorFlow is imported as usual,
+  only quieter. A bare lookup (`importlib.util.find_spec("tensorflow")`, as
+  transformers' `is_tf_available` does) leaves it in place.
   """
 
   def find_spec(self, fullname, path=None, target=None):  # pylint: disable=unused-argument
     if fullname != "tensorflow":
       return None
-    if self in sys.meta_path:
-      sys.meta_path.remove(self)
-    spec = importlib.util.find_spec(fullname)
+    index = sys.meta_path.index(self) if self in sys.meta_path else None
+    if index is not None:
+      sys.meta_path.remove(self)  # the real finders locate the package
+    try:
+      spec = importlib.util.find_spec(fullname)
+    finally:
+      if index is not None:
+        sys.meta_path.insert(index, self)
     if spec is not None and spec.loader is not None:
-      spec.loader = _QuietLoader(spec.loader)
+      spec.loader = _QuietLoader(spec.loader, self)
     return spec
 
 
 class _QuietLoader(importlib.abc.Loader):
-  def __init__(self, loader):
+  def __init__(self, loader, finder=None):
     self._loader = loader
+    self._finder = finder
 
   def create_module(self, spec):
     return self._loader.create_module(spec)
 
   def exec_module(self, module):
+    if self._finder in sys.meta_path:
+      sys.meta_path.remove(self._finder)
     module.__loader__ = self._loader
     if module.__spec__ is not None:
       module.__spec__.loader = self._loader

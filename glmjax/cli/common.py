@@ -20,10 +20,9 @@ from typing import Callable, Optional, Sequence
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
-# Exceptions that mean "the user's input is wrong". Library code raises ValueError with a
-# message naming the field and the fix; file system errors name their file.
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-               PermissionError, FileExistsError)
+# Exceptions that mean "the user's input (or machine) is wrong". Library code raises ValueError
+# with a message naming the field and the fix; OSErrors (a missing file, a full disk) name their file.
+USER_ERRORS = (ValueError, OSError)
 
 
 class BadInput(ValueError):

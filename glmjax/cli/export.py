@@ -25,8 +25,9 @@ Targets: auto (default) picks the transformers class that represents the model e
 (LlamaForCausalLM, GlmForCausalLM / Glm4ForCausalLM, CohereForCausalLM, GPTNeoXForCausalLM,
 GPT2LMHeadModel, BloomForCausalLM), else the plain PyTorch reference model shipped as
 modeling_glmjax.py; native fails instead of falling back, naming the fields that block each class.
-Load the result with transformers.AutoModelForCausalLM.from_pretrained(OUT), or for the reference
-model: from modeling_glmjax import GLMJaxForCausalLM; GLMJaxForCausalLM.from_pretrained(OUT).
+Load the result with transformers.AutoModelForCausalLM.from_pretrained(OUT), and the reference
+model with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); model(ids).logits.
+The folder is written under a temporary name and swapped in only when complete.
 Exit codes: 0 exported, 2 bad arguments, checkpoint or unsupported architecture.
 """
 
@@ -38,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True,
                  help="output folder: new, empty, or an earlier glmjax export (replaced whole)")
   p.add_argument("--overwrite", action="store_true",
-                 help="replace --out even when it holds files glmjax did not write")
+                 help="replace --out even if it holds files glmjax did not write: the folder is "
+                      "replaced whole by the new export and those files are deleted (a folder with "
+                      "subfolders is never replaced). Without it, --out must be new, empty, or an "
+                      "unmodified earlier glmjax export (listed in its glmjax_export.json)")
   p.add_argument("--target", default="auto", choices=TARGET_CHOICES, help="PyTorch class (default auto)")
   p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                  help="dtype of the written weights (default: ModelConfig.param_dtype)")
@@ -86,11 +90,9 @@ def resolve_tokenizer(choice: str, loaded):
 
 def _export(args) -> int:
   from glmjax.export import exporter  # pylint: disable=import-outside-toplevel
-  exporter.check_export_arguments(args.out, target=args.target, dtype=args.dtype,
-                                  max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-  if args.tokenizer not in ("auto", "none") and not os.path.exists(args.tokenizer):
-    raise common.BadInput(f"--tokenizer {args.tokenizer} does not exist; give a .model file, a "
-                          "folder of tokenizer files, 'auto' or 'none'")
+  exporter.check_export_arguments(
+      args.out, target=args.target, dtype=args.dtype, max_shard_size=args.max_shard_size,
+      overwrite=args.overwrite, tokenizer=None if args.tokenizer in ("auto", "none") else args.tokenizer)
   loaded = common.load_checkpoint_params(args, "glmjax export")
   tokenizer, note = resolve_tokenizer(args.tokenizer, loaded)
   result = exporter.to_huggingface(loaded.params, loaded.config, args.out, tokenizer=tokenizer,
