@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Optional, Sequence
 
 from glmjax.cli import common
@@ -24,14 +23,26 @@ Exit codes: 0 done, 2 bad arguments or checkpoint.
 """
 
 
-def add_decoding_args(p: argparse.ArgumentParser) -> None:
+# `glmjax generate` samples by default, as ChatGLM's own chat() does (top_p 0.8, temperature 0.8),
+# with CTRL's repetition penalty 1.2 (Keskar et al. 2019): greedy decoding of a small model
+# repeats its most frequent token (for the demo model: a newline). `glmjax eval` scores
+# generations greedily unless told otherwise.
+SAMPLING_DEFAULTS = dict(strategy="sample", temperature=0.8, top_p=0.8, repetition_penalty=1.2)
+
+
+def add_decoding_args(p: argparse.ArgumentParser, **defaults) -> None:
+  """Decoding flags; `defaults` overrides the greedy defaults (e.g. SAMPLING_DEFAULTS)."""
+  d = dict(strategy="greedy", temperature=1.0, top_p=1.0, repetition_penalty=1.0)
+  d.update(defaults)
   g = p.add_argument_group("decoding")
-  g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="greedy")
+  g.add_argument("--strategy", choices=("greedy", "sample", "beam"), default=d["strategy"],
+                 help=f"default {d['strategy']}")
   g.add_argument("--max_new_tokens", type=int, default=64)
-  g.add_argument("--temperature", type=float, default=1.0)
+  g.add_argument("--temperature", type=float, default=d["temperature"], help="sampling only")
   g.add_argument("--top_k", type=int, default=0, help="0 disables")
-  g.add_argument("--top_p", type=float, default=1.0, help="1.0 disables")
-  g.add_argument("--repetition_penalty", type=float, default=1.0, help="1.0 disables")
+  g.add_argument("--top_p", type=float, default=d["top_p"], help="1.0 disables")
+  g.add_argument("--repetition_penalty", type=float, default=d["repetition_penalty"],
+                 help="1.0 disables")
   g.add_argument("--no_repeat_ngram_size", type=int, default=0, help="0 disables")
   g.add_argument("--num_beams", type=int, default=4)
   g.add_argument("--length_penalty", type=float, default=1.0)
@@ -95,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mode", choices=("auto", "blank", "gmask", "text", "raw", "chat"), default="auto")
   p.add_argument("--system", default=None, help="chat: system message")
   p.add_argument("--no_stream", action="store_true", help="print each answer when complete")
-  add_decoding_args(p)
+  add_decoding_args(p, **SAMPLING_DEFAULTS)
   common.add_verbose_flag(p)
   return p
 

@@ -25,7 +25,7 @@ import dataclasses
 import json
 import math
 import re
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -63,12 +63,6 @@ jax.tree_util.register_dataclass(
     meta_fields=[])
 
 
-def cache_logical_axes() -> KVCache:
-  """Logical axis names of each cache field, for glmjax.sharding's rules."""
-  return KVCache(k=KV_AXES, v=KV_AXES, tokens=SLOT_AXES, segment_ids=SLOT_AXES,
-                 bidirectional=SLOT_AXES, index=())
-
-
 def init_cache(config: ModelConfig, batch_size: int, length: int, dtype=None) -> KVCache:
   """An empty cache of `length` slots (all segment 0) in the compute dtype."""
   if length > config.max_length:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -197,7 +197,3 @@ class TrainProgram:
       batch = self.global_batch(batch)
     with self.sharding_context():
       return self._eval(params, batch)
-
-
-def count_param_bytes(tree: Any) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))

@@ -1,7 +1,6 @@
 """The command line's contract for a user's mistake: exit code 2 and exactly one line on stderr
 naming the field, flag or file and the fix, before anything compiles (no traceback)."""
 
-import json
 import os
 
 import pytest

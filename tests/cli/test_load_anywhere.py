@@ -4,14 +4,12 @@ evaluates and exports on one device with the same tokens and logits, restoring p
 import json
 import os
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from glmjax import workdir as workdir_lib
-from glmjax.evaluate import scoring
 from glmjax.generate import GenerationOptions, glm
 from glmjax.model import forward
 from tests.cli.conftest import run_cli
@@ -82,7 +80,7 @@ def test_generate_eval_export_commands_on_a_one_device_host(trained_run, tmp_pat
   out_1, eval_1 = tmp_path / "hf1", tmp_path / "eval1.json"
   script.write_text(
       f"set -e\n"
-      f"glmjax generate --checkpoint {trained_run} --prompt '{PROMPT}' --max_new_tokens 8 --no_stream\n"
+      f"glmjax generate --checkpoint {trained_run} --prompt '{PROMPT}' --max_new_tokens 8 --no_stream --strategy greedy\n"
       f"glmjax eval --checkpoint {trained_run} --tasks glmjax_corpus_en_blank_infilling --lm_batches 1 "
       f"--unigram_batches 1 --batch_size 8 --output {eval_1} > /dev/null\n"
       f"glmjax export --checkpoint {trained_run} --out {out_1} --target torch > /dev/null\n")
@@ -115,5 +113,5 @@ def _generate_in_process(trained_run):
   buffer = io.StringIO()
   with contextlib.redirect_stdout(buffer):
     assert run_cli(["generate", "--checkpoint", trained_run, "--prompt", PROMPT,
-                    "--max_new_tokens", "8", "--no_stream"]) == 0
+                    "--max_new_tokens", "8", "--no_stream", "--strategy", "greedy"]) == 0
   return buffer.getvalue().strip()
