@@ -54,11 +54,13 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   common.add_checkpoint_args(p)
   p.add_argument("--vocab", default=None,
                  help="SentencePiece model with the GLM specials (default: the shipped vocabulary)")
+  p.add_argument("--prompt_layout", choices=("glm", "glm130b", "causal"), default=None,
+                 help="how prompts are laid out (default: the checkpoint's ModelConfig.prompt_layout)")
   p.add_argument("--causal_inputs", action="store_const", const=True, default=None,
-                 help="Part A causal (default: the checkpoint's DataConfig.bidirectional_inputs)")
+                 help="Part A causal: the 'causal' prompt layout")
   p.add_argument("--positions_1d", action="store_const", const=True, default=None,
-                 help="positions 0,1,2,... without block positions (default: the checkpoint's "
-                      "DataConfig.positions_1d)")
+                 help="one position stream without block positions: 'glm130b' with a "
+                      "bidirectional Part A, 'causal' with --causal_inputs")
 
 
 def options_from_args(args):
@@ -71,12 +73,27 @@ def options_from_args(args):
       num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
 
 
-def prompt_convention(args, data_config):
-  """The prompt layout the model was trained with (its DataConfig), unless a flag overrides it."""
+def prompt_convention(args, model_config, data_config=None, gmask_id=None):
+  """The prompt layout the model was trained with: the checkpoint's ModelConfig.prompt_layout
+  (checked against explicit DataConfig flags), unless --prompt_layout / --causal_inputs /
+  --positions_1d override it."""
   from glmjax.generate import glm  # pylint: disable=import-outside-toplevel
-  causal = args.causal_inputs if args.causal_inputs is not None else not data_config.bidirectional_inputs
-  positions_1d = args.positions_1d if args.positions_1d is not None else data_config.positions_1d
-  return glm.Convention(bidirectional_inputs=not causal, positions_1d=positions_1d)
+  from glmjax.model.config import LAYOUT_FLAGS, layout_from_flags  # pylint: disable=import-outside-toplevel
+  from glmjax.trainer.data import resolve_prompt_layout  # pylint: disable=import-outside-toplevel
+  layout = model_config.prompt_layout
+  if data_config is not None:
+    try:
+      layout = resolve_prompt_layout(data_config, model_config)
+    except ValueError as e:
+      raise common.BadInput(str(e)) from e
+  if getattr(args, "prompt_layout", None):
+    layout = args.prompt_layout
+  elif args.causal_inputs is not None or args.positions_1d is not None:
+    bidirectional, one_stream = LAYOUT_FLAGS[layout]
+    bidirectional = not args.causal_inputs if args.causal_inputs is not None else bidirectional
+    one_stream = args.positions_1d if args.positions_1d is not None else (one_stream or not bidirectional)
+    layout = layout_from_flags(bidirectional, one_stream)
+  return glm.Convention(layout, gmask_id=gmask_id)
 
 
 def text_generator(args, prog: str = "glmjax generate"):
@@ -91,7 +108,8 @@ def text_generator(args, prog: str = "glmjax generate"):
   if vocabulary.vocab_size > loaded.config.vocab_size:
     raise common.BadInput(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
                           f"{loaded.config.vocab_size}; pass the --vocab the model was trained with")
-  convention = prompt_convention(args, loaded.experiment.data)
+  convention = prompt_convention(args, loaded.config, loaded.experiment.data,
+                                 gmask_id=vocabulary.special_ids.gmask)
   return loaded, TextGenerator(loaded.params, loaded.config, vocabulary, convention,
                                sharding_context=loaded.sharding_context,
                                batch_multiple=loaded.batch_multiple)

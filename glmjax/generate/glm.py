@@ -10,10 +10,13 @@ next block position (2, 3, ...) until `<eop>`. A filled span stays in the
 cache as `<sop> + span` (its `<eop>` is never an input, as in training), so
 later spans see it causally.
 
-`Convention` mirrors the options of glmjax.tasks.GLMFeatureConverter, so a
-model is prompted the way it was trained: `bidirectional_inputs=False` makes
-Part A causal; `positions_1d=True` numbers every token 0, 1, 2, ... (block
-positions 0) as for LLaMA-style models.
+`Convention` is the model family's `prompt_layout` (glmjax.model.config; the
+layout glmjax.tasks.GLMFeatureConverter trains with), so a model is prompted the
+way it was trained: "glm" as above; "causal" numbers every token 0, 1, 2, ...
+(block positions 0) with Part A causal (ChatGLM2/3, GLM-4, LLaMA-style models);
+"glm130b" keeps Part A bidirectional with one position stream, a [MASK] span's
+tokens at the mask's index and a [gMASK] continuation at consecutive positions
+(GLM-130B `generate.py` `get_masks_and_position_ids`).
 
 Rows of a batch share the cache's write index: a row whose span ends early
 leaves unused slots, which no query sees; position ids are unaffected, only
@@ -32,21 +35,58 @@ import numpy as np
 from glmjax.generate.decoding import (GLM_SPAN, PLAIN_TEXT, GenerationOptions, GenerationResult,
                                       check_prompt_ids, continue_chunk, left_pad)
 from glmjax.model import decode
-from glmjax.model.config import ModelConfig
+from glmjax.model.config import LAYOUT_FLAGS, ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Convention:
-  """How prompts are laid out (the GLMFeatureConverter options the model was trained with)."""
-  bidirectional_inputs: bool = True
-  positions_1d: bool = False
+  """How prompts are laid out: the model's ModelConfig.prompt_layout ("glm" | "glm130b" |
+  "causal"). `gmask_id` tells a [gMASK] continuation from a [MASK] span under "glm130b"."""
+  prompt_layout: str = "glm"
+  gmask_id: Optional[int] = None
+
+  def __post_init__(self):
+    if self.prompt_layout not in LAYOUT_FLAGS:
+      raise ValueError(f"Convention.prompt_layout={self.prompt_layout!r} is not one of "
+                       f"{tuple(LAYOUT_FLAGS)} (ModelConfig.prompt_layout)")
+
+  @classmethod
+  def of(cls, config: ModelConfig, gmask_id: Optional[int] = None) -> "Convention":
+    """The convention of a model: its prompt_layout."""
+    return cls(config.prompt_layout, gmask_id)
 
   @property
-  def step_rule(self):
-    return PLAIN_TEXT if self.positions_1d else GLM_SPAN
+  def bidirectional_inputs(self) -> bool:
+    return LAYOUT_FLAGS[self.prompt_layout][0]
+
+  @property
+  def positions_1d(self) -> bool:
+    """One position stream (block positions 0): "glm130b" and "causal"."""
+    return LAYOUT_FLAGS[self.prompt_layout][1]
+
+  def continues(self, part_a: Sequence[int], mask_index: int) -> bool:
+    """Whether Part B for the mask at `mask_index` takes consecutive positions after Part A
+    (causal; GLM-130B's [gMASK] or an empty Part A) rather than the mask's position."""
+    if self.prompt_layout == "causal":
+      return True
+    if self.prompt_layout == "glm":
+      return False
+    if not part_a:
+      return True
+    if self.gmask_id is None:
+      raise ValueError("Convention(prompt_layout='glm130b') needs gmask_id to tell [gMASK] "
+                       "continuations from [MASK] spans")
+    return int(part_a[mask_index]) == self.gmask_id
+
+  def step_rule(self, continues: bool):
+    """(position step, block-position step) of each generated token."""
+    if continues:
+      return PLAIN_TEXT
+    return GLM_SPAN if self.prompt_layout == "glm" else SAME_POSITION
 
 
 GLM = Convention()
+SAME_POSITION = (0, 0)  # GLM-130B [MASK] span: every token at the mask's position
 
 
 def glm_row(part_a: Sequence[int], part_b: Sequence[int], mask_index: int,
@@ -54,10 +94,12 @@ def glm_row(part_a: Sequence[int], part_b: Sequence[int], mask_index: int,
   """Batch-contract fields of one example: Part A, then Part B (which starts with <sop>)
   generated for the mask at Part A index `mask_index`."""
   a, b = len(part_a), len(part_b)
-  if convention.positions_1d:
+  if not part_b or convention.continues(part_a, mask_index):
     positions, blocks = list(range(a + b)), [0] * (a + b)
-  else:
+  elif convention.prompt_layout == "glm":
     positions, blocks = list(range(a)) + [mask_index] * b, [0] * a + list(range(1, b + 1))
+  else:  # glm130b [MASK] span
+    positions, blocks = list(range(a)) + [mask_index] * b, [0] * (a + b)
   return {"tokens": list(part_a) + list(part_b), "positions": positions, "block_positions": blocks,
           "bidirectional": [int(convention.bidirectional_inputs)] * a + [0] * b}
 
@@ -87,10 +129,12 @@ def _feed_chunk(params, cache, chunk, *, config):
   return decode.extend(params, cache, chunk, config, last_only=True)[1]
 
 
-def _span_chunk(sop_id, positions, spans, active, width, positions_1d):
+def _span_chunk(sop_id, positions, spans, active, width, step_rule):
   """[B, width] chunk of `<sop> + span` per row (segment 0 after the span and on inactive rows).
 
-  `positions[b]` is the mask index (GLM) or, with positions_1d, the position of <sop>."""
+  `positions[b]` is the position of <sop> (the mask index, or the next position when the
+  span continues the text); `step_rule` (position step, block step) numbers the rest, block
+  positions from 1 when they step (GLM 2D)."""
   B = len(spans)
   tokens = np.zeros((B, width), np.int32)
   seg = np.zeros((B, width), np.int32)
@@ -99,13 +143,11 @@ def _span_chunk(sop_id, positions, spans, active, width, positions_1d):
       piece = [sop_id] + list(span)
       tokens[b, :len(piece)] = piece
       seg[b, :len(piece)] = 1
-  steps = np.arange(width, dtype=np.int32)
+  steps = np.arange(width, dtype=np.int32)[None]
   start = np.asarray(positions, np.int32)[:, None]
-  if positions_1d:
-    pos, block = start + steps[None], np.zeros((B, width), np.int32)
-  else:
-    pos = np.repeat(start, width, axis=1)
-    block = np.broadcast_to(steps + 1, (B, width)).copy()
+  dpos, dblock = step_rule
+  pos = (start + dpos * steps).astype(np.int32)
+  block = np.broadcast_to(dblock * (steps + 1), (B, width)).astype(np.int32)
   return {"tokens": tokens, "positions": pos, "block_positions": block, "segment_ids": seg,
           "bidirectional": np.zeros((B, width), np.int32)}
 
@@ -114,11 +156,15 @@ def fill_blanks(params, config: ModelConfig, texts: Sequence[Sequence[int]], *,
                 mask_ids: Sequence[int], sop_id: int, eop_id: int,
                 options: GenerationOptions = GenerationOptions(), convention: Convention = GLM,
                 return_logits: bool = False) -> list[BlankFill]:
-  """Fills every mask of every text (token id lists), GLM style.
+  """Fills every mask of every text (token id lists), left to right, as the family does.
 
   `mask_ids`: the ids that open a blank ([MASK], [sMASK], [gMASK]).
   `options.max_new_tokens` bounds each span; `<eop>` (plus options.stop_ids)
   ends it. Works with every strategy of `options`, beam search included.
+  "glm" / "causal": Part A stays as given and each filled `<sop> + span` stays in
+  the cache for the next mask (GLM `generate_samples.py`). "glm130b": each filled
+  span is written into the text in place of its mask before the next mask is
+  filled (`_fill_in_place`).
   """
   mask_ids = tuple(int(m) for m in mask_ids)
   where_masks = [mask_positions(t, mask_ids) for t in texts]
@@ -127,6 +173,8 @@ def fill_blanks(params, config: ModelConfig, texts: Sequence[Sequence[int]], *,
       raise ValueError(f"text {b} has no mask token (ids {mask_ids}); add [MASK] where a blank "
                        "goes, or [gMASK] at the end for long generation")
   options = dataclasses.replace(options, stop_ids=tuple(dict.fromkeys((eop_id,) + options.stop_ids)))
+  if convention.prompt_layout == "glm130b":
+    return _fill_in_place(params, config, texts, mask_ids, sop_id, options, convention, return_logits)
   N = options.max_new_tokens
   num_rounds = max(len(p) for p in where_masks)
   part_a = left_pad([glm_row(t, [], 0, convention) for t in texts], options.pad_id)
@@ -135,24 +183,22 @@ def fill_blanks(params, config: ModelConfig, texts: Sequence[Sequence[int]], *,
   check_prompt_ids(part_a, config, total, max_block_position=N + 1)
   B = len(texts)
   cache = _feed_chunk(params, decode.init_cache(config, B, total), part_a, config=config)
-  fed = [len(t) for t in texts]  # real tokens per row so far (positions_1d numbering)
+  fed = [len(t) for t in texts]  # real tokens per row so far (causal numbering)
+  causal = convention.prompt_layout == "causal"
+  rule = convention.step_rule(causal)
 
   results = [BlankFill(spans=[], finished=[]) for _ in texts]
   for m in range(num_rounds):
     active = np.array([m < len(p) for p in where_masks])
-    if convention.positions_1d:
-      starts = fed
-    else:
-      starts = [p[m] if m < len(p) else 0 for p in where_masks]
-    sop = _span_chunk(sop_id, starts, [[]] * B, active, 1, convention.positions_1d)
-    result, new_cache = continue_chunk(params, config, cache, sop, active, options,
-                                       step_rule=convention.step_rule,
+    starts = fed if causal else [p[m] if m < len(p) else 0 for p in where_masks]
+    sop = _span_chunk(sop_id, starts, [[]] * B, active, 1, rule)
+    result, new_cache = continue_chunk(params, config, cache, sop, active, options, step_rule=rule,
                                        feed_last=options.strategy != "beam", return_logits=return_logits)
     spans = result.sequences(strip_stop=True)
     if options.strategy == "beam":
       # The beams' cache rows may not hold the winner; feed `<sop> + span` once more.
-      new_cache = _feed_chunk(params, cache, _span_chunk(sop_id, starts, spans, active, 1 + N,
-                                                         convention.positions_1d), config=config)
+      new_cache = _feed_chunk(params, cache, _span_chunk(sop_id, starts, spans, active, 1 + N, rule),
+                              config=config)
     cache = new_cache
     for b in np.flatnonzero(active):
       results[b].spans.append(spans[b])
@@ -163,12 +209,53 @@ def fill_blanks(params, config: ModelConfig, texts: Sequence[Sequence[int]], *,
   return results
 
 
+def _fill_in_place(params, config, texts, mask_ids, sop_id, options, convention, return_logits):
+  """GLM-130B blank filling: the first mask left is filled from `text + <sop>` (Part A the
+  whole text, fills so far included), then its span replaces the mask in the text.
+
+  GLM-130B `generate.py` `fill_blanks`: `mask_position = seq.index(mask_token)` on the
+  current sequence, `input_seq = seq + [sop]`, and after generation
+  `output[:mask_position] + output[bog + 1:unfinished] + output[mask_position + 1:bog]`
+  becomes the next sequence. Rows whose mask continues ([gMASK]) and rows whose mask is
+  a span ([MASK]) step positions differently, so they are decoded in separate calls;
+  each call keeps the batch size (other rows repeat one of its rows, their output unused).
+  """
+  current = [list(t) for t in texts]
+  results = [BlankFill(spans=[], finished=[]) for _ in texts]
+  B = len(texts)
+  while True:
+    first = [next((i for i, t in enumerate(text) if t in mask_ids), None) for text in current]
+    todo = [b for b in range(B) if first[b] is not None]
+    if not todo:
+      return results
+    for continues in (False, True):
+      group = [b for b in todo if convention.continues(current[b], first[b]) == continues]
+      if not group:
+        continue
+      rows = [b if b in group else group[0] for b in range(B)]
+      result = continue_glm(params, config, [current[r] for r in rows], [[sop_id]] * B,
+                            [first[r] for r in rows], options, convention=convention,
+                            return_logits=return_logits)
+      spans = result.sequences(strip_stop=True)
+      for b in group:
+        results[b].spans.append(spans[b])
+        results[b].finished.append(bool(result.finished[b]))
+        if return_logits:
+          results[b].logits.append(result.logits[b, :result.lengths[b]])
+        m = first[b]
+        current[b] = current[b][:m] + list(spans[b]) + current[b][m + 1:]
+
+
 def continue_glm(params, config: ModelConfig, part_as: Sequence[Sequence[int]],
                  part_bs: Sequence[Sequence[int]], mask_indices: Sequence[int],
                  options: GenerationOptions = GenerationOptions(), *, convention: Convention = GLM,
                  return_logits: bool = False, on_token=None) -> GenerationResult:
   """Continues Part B of each example (Part B starts with <sop>; it may hold more, e.g. a
   chat history) for the mask at `mask_indices[b]`, until a stop id or max_new_tokens."""
+  continues = {convention.continues(a, m) for a, m in zip(part_as, mask_indices)}
+  if len(continues) > 1:
+    raise ValueError("the rows mix [gMASK] continuations and [MASK] spans, which GLM-130B numbers "
+                     "differently; continue them in separate calls")
   rows = [glm_row(a, b, m, convention) for a, b, m in zip(part_as, part_bs, mask_indices)]
   chunk = left_pad(rows, options.pad_id)
   total = chunk["tokens"].shape[1] + options.max_new_tokens
@@ -176,8 +263,8 @@ def continue_glm(params, config: ModelConfig, part_as: Sequence[Sequence[int]],
   check_prompt_ids(chunk, config, total, max_block_position=longest_b + options.max_new_tokens)
   cache = decode.init_cache(config, len(rows), total)
   result, _ = continue_chunk(params, config, cache, chunk, np.ones(len(rows), bool), options,
-                             step_rule=convention.step_rule, return_logits=return_logits,
-                             on_token=on_token)
+                             step_rule=convention.step_rule(continues.pop()),
+                             return_logits=return_logits, on_token=on_token)
   return result
 
 

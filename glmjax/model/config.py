@@ -14,6 +14,24 @@ The size fields (`vocab_size`, `d_model`, `num_layers`, `num_heads`,
 | PaLM          | layernorm (no bias)     | swiglu  | rope                 | parallel block, MQA, tied      |
 | BLOOM         | layernorm / pre         | gelu_tanh | alibi              | embedding layernorm, tied      |
 | GPT-2         | layernorm / pre         | gelu_tanh | learned            | tied, biases                   |
+
+`prompt_layout` is how the family lays out a prompt / training example (identity, not runtime:
+the same weights prompted another way are another function):
+
+* "glm": Part A bidirectional, 2D positions (Part B tokens at their mask's index, block
+  positions 1, 2, ...): GLM-10B / GLM-Large (GLM `blocklm_utils.py`), ChatGLM-6B (HF
+  `modeling_chatglm.py` `get_position_ids`, position_encoding_2d).
+* "glm130b": Part A bidirectional, one position stream: every token of a [MASK] / [sMASK] span
+  at the mask's index, a [gMASK] continuation at consecutive positions (GLM-130B `generate.py`
+  `get_masks_and_position_ids`: `position_ids = arange(...)`, `if not gmask:
+  position_ids[context_length - 1:] = mask_position`).
+* "causal": every token causal at 0, 1, 2, ...: ChatGLM2/3 and GLM-4 (HF `modeling_chatglm.py`
+  of chatglm2-6b: `get_position_ids` is `arange(seq_length)`, `get_masks` is tril), LLaMA,
+  PaLM, BLOOM, GPT.
+
+The ModelConfig default is "glm": the defaults are a small GLM-style model trained on blank
+infilling, and it is the layout every run used before the field existed (DataConfig's old
+defaults), so a checkpoint saved without it is prompted as it was trained.
 """
 
 from __future__ import annotations
@@ -42,6 +60,19 @@ DTYPES = ("float32", "bfloat16", "float16")
 # with a recomputing custom VJP (fastest on CPU), "pallas" the tiled flash kernels,
 # "auto" dense on CPU and pallas on TPU / GPU.
 ATTENTION_IMPLS = ("auto", "xla", "dense", "pallas")
+PROMPT_LAYOUTS = ("glm", "glm130b", "causal")  # see the module docstring
+# prompt_layout -> (Part A bidirectional, one position stream (block positions 0)): the
+# GLMFeatureConverter / DataConfig flags each layout implies.
+LAYOUT_FLAGS = {"glm": (True, False), "glm130b": (True, True), "causal": (False, True)}
+
+
+def layout_from_flags(bidirectional_inputs: bool, positions_1d: bool) -> str:
+  """The prompt_layout of a (bidirectional_inputs, positions_1d) pair (inverse of LAYOUT_FLAGS)."""
+  for layout, flags in LAYOUT_FLAGS.items():
+    if flags == (bool(bidirectional_inputs), bool(positions_1d)):
+      return layout
+  raise ValueError(f"bidirectional_inputs={bidirectional_inputs} with positions_1d={positions_1d} is no "
+                   f"prompt layout; use one of {LAYOUT_FLAGS} (ModelConfig.prompt_layout)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +121,9 @@ class ModelConfig:
   embed_norm: bool = False  # BLOOM: LayerNorm right after the word embedding.
   embed_grad_scale: float = 1.0  # GLM-130B: 0.1 shrinks the embedding gradient only.
   lm_head_bias: bool = False
+
+  # Prompt / example layout of the family (module docstring): "glm" | "glm130b" | "causal".
+  prompt_layout: str = "glm"
 
   # Numerics and compilation.
   dtype: str = "float32"  # compute dtype
@@ -173,6 +207,7 @@ def validate(config: ModelConfig) -> None:
   _one_of(config, "dtype", DTYPES)
   _one_of(config, "param_dtype", DTYPES)
   _one_of(config, "attention_impl", ATTENTION_IMPLS)
+  _one_of(config, "prompt_layout", PROMPT_LAYOUTS)
   _require(config.num_heads % config.num_kv_heads == 0, "num_kv_heads",
            f"num_heads={config.num_heads} must be divisible by num_kv_heads={config.num_kv_heads} "
            "(MHA: equal, MQA: 1, GQA: a divisor)")

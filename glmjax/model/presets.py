@@ -8,7 +8,7 @@ Sources: the models' official config files (HuggingFace hub `config.json` of
 gpt2, bigscience/bloom(-560m), meta-llama/Llama-2-7b-hf / 70b, THUDM/chatglm-6b,
 THUDM/chatglm2-6b, THUDM/glm-10b, THUDM/glm-large) and the papers for models
 without one (GLM-130B: Zeng et al. 2022, table 1 / appendix; PaLM: Chowdhery
-et al. 2022, table 1).
+et al. 2022, table 1). Each sets its family's `prompt_layout` (glmjax.model.config).
 """
 
 from __future__ import annotations
@@ -19,21 +19,22 @@ from glmjax.model.config import ModelConfig, llama_ffn_dim
 
 _LLAMA = dict(norm="rmsnorm", norm_placement="pre", ffn="swiglu", position="rope",
               rope_layout="rotate_half", qkv_bias=False, attn_out_bias=False, mlp_bias=False,
-              tie_embeddings=False)
+              tie_embeddings=False, prompt_layout="causal")
 _GPT = dict(norm="layernorm", norm_placement="pre", ffn="gelu_tanh", qkv_bias=True,
-            attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
+            attn_out_bias=True, mlp_bias=True, tie_embeddings=True, prompt_layout="causal")
 _GLM130B = dict(norm="layernorm", norm_placement="deepnorm", ffn="geglu", position="rope",
                 qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
-                embed_grad_scale=0.1)
+                embed_grad_scale=0.1, prompt_layout="glm130b")
 _CHATGLM = dict(norm="layernorm", norm_placement="deepnorm", ffn="gelu_tanh", position="rope_2d",
-                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True)
+                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
+                prompt_layout="glm")
 _CHATGLM2 = dict(norm="rmsnorm", norm_placement="pre", ffn="swiglu", position="rope",
                  rotary_fraction=0.5, rope_layout="interleaved", qkv_bias=True,
-                 attn_out_bias=False, mlp_bias=False, tie_embeddings=False)
-_GLM = dict(_GPT, position="learned_2d")
+                 attn_out_bias=False, mlp_bias=False, tie_embeddings=False, prompt_layout="causal")
+_GLM = dict(_GPT, position="learned_2d", prompt_layout="glm")
 _BLOOM = dict(_GPT, position="alibi", embed_norm=True)
 _PALM = dict(norm="layernorm", norm_bias=False, norm_placement="pre", ffn="swiglu", position="rope",
-             parallel_block=True, tie_embeddings=True)
+             parallel_block=True, tie_embeddings=True, prompt_layout="causal")
 
 _PRESETS: dict[str, ModelConfig] = {
     # GLM (Du et al. 2022): BERT-style wordpiece vocab for -large, GPT-2 BPE for -10b.

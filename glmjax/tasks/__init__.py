@@ -25,8 +25,8 @@ into the batch contract (+ segment_ids). get_dataset(...) runs the lot:
 
   get_dataset(mixture_or_task_name, *, sequence_length, batch_size,
               split="train", shuffle=True, seed=0, shard_info=None,
-              pack=True, num_epochs=None, bidirectional_inputs=True,
-              positions_1d=False, count_truncated=False) -> tf.data.Dataset
+              pack=True, num_epochs=None, prompt_layout=None,
+              count_truncated=False) -> tf.data.Dataset
 
 seqio_batches(name, ...) takes any registered task or mixture: the flat GLM
 example through get_dataset, a `targets`-only task as plain causal LM

@@ -17,11 +17,12 @@ truncated (counted in `truncated`). Segment ids are 1..n per row, 0 padding.
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Optional
 
 import seqio
 import tensorflow as tf
 
+from glmjax.model.config import PROMPT_LAYOUTS
 from glmjax.tasks.objectives import FEATURES
 
 _FeatureSpec = seqio.FeatureConverter.FeatureSpec
@@ -35,10 +36,16 @@ class GLMFeatureConverter(seqio.FeatureConverter):
 
   Args:
     pack: pack several examples per row (else one example per row).
-    bidirectional_inputs: keep Part A bidirectional (GLM). False makes every
-      token causal (LLaMA-style prompts; prefix-LM becomes plain causal LM).
-    positions_1d: replace GLM's 2D positions by 0..len-1 per example and zero
-      block positions (1D position models: LLaMA, ChatGLM2/3, GPT).
+    prompt_layout: the model family's layout (glmjax.model.config.PROMPT_LAYOUTS).
+      "glm" keeps the task's example as it is (Part A bidirectional, 2D positions).
+      "glm130b" keeps Part A bidirectional with one position stream (block positions
+      0): a [MASK] / [sMASK] span stays at its mask's index, a [gMASK] span (and a
+      span with no Part A) takes its index in the example, i.e. consecutive positions
+      (GLM-130B `generate.py` `get_masks_and_position_ids`, lines 20-31:
+      `position_ids = arange(len)`; `if not gmask: position_ids[context_length - 1:] =
+      mask_position`). "causal" makes every token causal at 0..len-1 (ChatGLM2/3 and
+      GLM-4 `modeling_chatglm.py` `get_position_ids` / `get_masks`; LLaMA, GPT).
+    gmask_id: the [gMASK] id (needed by "glm130b").
     count_truncated: add the `truncated` feature.
     open_rows: rows filled at once by the best-fit packer (1: next-fit).
   """
@@ -48,13 +55,18 @@ class GLMFeatureConverter(seqio.FeatureConverter):
                     "loss_mask": _FeatureSpec(dtype=tf.float32)}
   PACKING_FEATURE_DTYPES = {}
 
-  def __init__(self, pack: bool = True, *, bidirectional_inputs: bool = True,
-               positions_1d: bool = False, count_truncated: bool = False, open_rows: int = 8):
+  def __init__(self, pack: bool = True, *, prompt_layout: str = "glm", gmask_id: Optional[int] = None,
+               count_truncated: bool = False, open_rows: int = 8):
     self.MODEL_FEATURES = dict(type(self).MODEL_FEATURES)  # pylint: disable=invalid-name
     if count_truncated:
       self.MODEL_FEATURES["truncated"] = _FeatureSpec(dtype=tf.int32)
-    self._bidirectional_inputs = bidirectional_inputs
-    self._positions_1d = positions_1d
+    if prompt_layout not in PROMPT_LAYOUTS:
+      raise ValueError(f"prompt_layout={prompt_layout!r} is not one of {PROMPT_LAYOUTS}")
+    if prompt_layout == "glm130b" and gmask_id is None:
+      raise ValueError("prompt_layout='glm130b' needs gmask_id (the [gMASK] id) to tell [gMASK] spans "
+                       "(consecutive positions) from [MASK] spans")
+    self._prompt_layout = prompt_layout
+    self._gmask_id = gmask_id
     self._count_truncated = count_truncated
     if open_rows < 1:
       raise ValueError(f"open_rows={open_rows} must be >= 1")
@@ -90,10 +102,12 @@ class GLMFeatureConverter(seqio.FeatureConverter):
     n = tf.size(ex["tokens"])
     features = {k: tf.cast(ex[k], tf.int32)[:length] for k in FEATURES}
     kept = tf.minimum(n, length)
-    if not self._bidirectional_inputs:
+    if self._prompt_layout == "causal":
       features["bidirectional"] = tf.zeros([kept], tf.int32)
-    if self._positions_1d:
       features["positions"] = tf.range(kept)
+      features["block_positions"] = tf.zeros([kept], tf.int32)
+    elif self._prompt_layout == "glm130b":
+      features["positions"] = glm130b_positions(features, self._gmask_id)
       features["block_positions"] = tf.zeros([kept], tf.int32)
     truncated = tf.tensor_scatter_nd_update(tf.zeros([kept], tf.int32), [[0]], [tf.cast(n > length, tf.int32)])
     return tf.stack([features[k] for k in FEATURES] + [truncated])
@@ -104,6 +118,22 @@ class GLMFeatureConverter(seqio.FeatureConverter):
     if not self._count_truncated:
       del out["truncated"]
     return out
+
+
+def glm130b_positions(features, gmask_id):
+  """GLM-130B's one position stream for a (cut) GLM example with 2D positions.
+
+  Part B tokens (block position > 0) whose mask token is [gMASK], or that have no
+  Part A, take their index in the example; everything else keeps its position
+  (Part A its index, a [MASK] span its mask's index): GLM-130B `generate.py`
+  `get_masks_and_position_ids` and `evaluation/dataset.py` `build_generation_sample`.
+  """
+  positions = features["positions"]
+  part_b = features["block_positions"] > 0
+  no_part_a = tf.logical_not(tf.reduce_any(tf.logical_not(part_b)))
+  mask_token = tf.gather(features["tokens"], tf.minimum(positions, tf.size(positions) - 1))
+  continuation = part_b & (tf.equal(mask_token, gmask_id) | no_part_a)
+  return tf.where(continuation, tf.range(tf.size(positions)), positions)
 
 
 def _with_segment(matrix, segment_id):

@@ -3,7 +3,7 @@
 Every preprocessor ends in the flat GLM example of glmjax.tasks.objectives:
 the prompt is Part A (+ [gMASK]), the answer Part B (<sop> answer <eop>), so
 instruction tasks mix freely with pretraining tasks. The converter option
-`bidirectional_inputs=False` makes the prompt causal for LLaMA-style models.
+`prompt_layout="causal"` makes the prompt causal for LLaMA-style models.
 
 Flan formats (Chung et al. 2022), over QA records {id, question, options,
 answer, rationale}:

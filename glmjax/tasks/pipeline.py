@@ -22,6 +22,8 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from glmjax.model.config import LAYOUT_FLAGS, layout_from_flags
+from glmjax.tasks import vocab as vocab_lib
 from glmjax.tasks.converter import GLMFeatureConverter
 
 
@@ -55,14 +57,17 @@ def get_dataset(mixture_or_task_name: Union[str, seqio.Task, seqio.Mixture], *,
                 shard_info: Optional[seqio.ShardInfo] = None,
                 pack: bool = True,
                 num_epochs: Optional[int] = None,
-                bidirectional_inputs: bool = True,
-                positions_1d: bool = False,
+                prompt_layout: Optional[str] = None,
+                bidirectional_inputs: Optional[bool] = None,
+                positions_1d: Optional[bool] = None,
                 count_truncated: bool = False) -> tf.data.Dataset:
   """Batches of the DESIGN.md section 2 contract: dicts of [batch_size, sequence_length] arrays.
 
   seqio's Task/Mixture get_dataset (seeded shuffles and preprocessors; with
   `shard_info` this process reads its own shard) -> GLMFeatureConverter
-  (packing, see its options) -> batches. `batch_size` is per process.
+  (packing and `prompt_layout`, see its options) -> batches. `batch_size` is per process.
+  The layout is `prompt_layout`, else the one the (bidirectional_inputs, positions_1d) flags
+  name (glmjax.model.config.LAYOUT_FLAGS; a missing flag as in "glm"), else "glm".
   `num_epochs=None` repeats forever (training); with a finite count the last
   partial batch is padded with empty rows, so every batch has one shape.
   Same arguments and seed give the same batches.
@@ -77,14 +82,34 @@ def get_dataset(mixture_or_task_name: Union[str, seqio.Task, seqio.Mixture], *,
   lengths = GLMFeatureConverter.task_feature_lengths(sequence_length)
   ds = provider.get_dataset(lengths, split=split, shuffle=shuffle, seed=seed, shard_info=shard_info,
                             num_epochs=num_epochs, trim_output_features=False, try_in_mem_cache=False)
-  converter = GLMFeatureConverter(pack=pack, bidirectional_inputs=bidirectional_inputs,
-                                  positions_1d=positions_1d, count_truncated=count_truncated)
+  layout = _layout(prompt_layout, bidirectional_inputs, positions_1d)
+  converter = GLMFeatureConverter(pack=pack, prompt_layout=layout, gmask_id=_gmask_id(provider),
+                                  count_truncated=count_truncated)
   ds = converter(ds, lengths)
   if num_epochs is None:
     ds = ds.batch(batch_size, drop_remainder=True)
   else:
     ds = ds.batch(batch_size).map(lambda b: _pad_batch(b, batch_size))
   return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _layout(prompt_layout, bidirectional_inputs, positions_1d) -> str:
+  if prompt_layout is not None:
+    if bidirectional_inputs is not None or positions_1d is not None:
+      raise ValueError("pass prompt_layout or the bidirectional_inputs / positions_1d flags, not both")
+    return prompt_layout
+  glm = LAYOUT_FLAGS["glm"]
+  return layout_from_flags(glm[0] if bidirectional_inputs is None else bidirectional_inputs,
+                           glm[1] if positions_1d is None else positions_1d)
+
+
+def _gmask_id(provider) -> Optional[int]:
+  """The [gMASK] id of the task's `tokens` vocabulary (None when it has no GLM specials)."""
+  feature = provider.output_features.get("tokens")
+  vocabulary = feature.vocabulary if feature is not None else None
+  if not isinstance(vocabulary, vocab_lib.GLMVocabulary):
+    return None
+  return vocab_lib.special_ids(vocabulary).gmask
 
 
 def _contract_from_decoder_features(ex: dict, pack: bool) -> dict:
@@ -121,7 +146,7 @@ def _feature_keys(name: str) -> set:
 
 def seqio_batches(name: str, *, sequence_length: int, batch_size: int, split: str, shuffle: bool,
                   seed: int, shard_info: Optional[seqio.ShardInfo], pack: bool, num_epochs: Optional[int],
-                  bidirectional_inputs: bool = True, positions_1d: bool = False) -> tf.data.Dataset:
+                  prompt_layout: str = "glm") -> tf.data.Dataset:
   """tf.data.Dataset of contract batches from any registered seqio task or mixture.
 
   Tasks whose only feature is `targets` (a user's plain text task) are causal
@@ -135,7 +160,7 @@ def seqio_batches(name: str, *, sequence_length: int, batch_size: int, split: st
                 seed=seed, shard_info=shard_info, pack=pack, num_epochs=num_epochs)
   if _feature_keys(name) == {"targets"}:
     return _causal_lm_dataset(name, **kwargs)
-  return get_dataset(name, bidirectional_inputs=bidirectional_inputs, positions_1d=positions_1d, **kwargs)
+  return get_dataset(name, prompt_layout=prompt_layout, **kwargs)
 
 
 class DatasetIterator:

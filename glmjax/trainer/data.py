@@ -27,6 +27,7 @@ import itertools
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from glmjax.model.batch import to_host_batch
+from glmjax.model.config import LAYOUT_FLAGS, ModelConfig, layout_from_flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +44,32 @@ class DataConfig:
   eval_split: str = "validation"
   eval_batches: int = 4
   modules: tuple = ()  # Python modules to import first (they register user tasks)
-  # Prompt layout of GLM-format tasks (glmjax.tasks.GLMFeatureConverter): Part A bidirectional
-  # (GLM) or causal (LLaMA-style); GLM 2D positions or plain 0, 1, 2, ... Saved with the
-  # operative gin config, so `glmjax generate` / `glmjax eval` lay prompts out the same way.
-  bidirectional_inputs: bool = True
-  positions_1d: bool = False
+  # Prompt layout of GLM-format tasks (glmjax.tasks.GLMFeatureConverter) comes from the model:
+  # ModelConfig.prompt_layout. None (the default) takes it from there; an explicit value must
+  # agree with it (`resolve_prompt_layout`): bidirectional_inputs is False for "causal" only,
+  # positions_1d (block positions 0) is True for "glm130b" and "causal".
+  bidirectional_inputs: Optional[bool] = None
+  positions_1d: Optional[bool] = None
+
+
+def resolve_prompt_layout(config: DataConfig, model: Optional[ModelConfig] = None) -> str:
+  """The prompt layout GLM-format batches are built with: the model's `prompt_layout`
+  (ModelConfig's default without a model), checked against explicit DataConfig flags.
+  Without a model, explicit flags choose the layout (`layout_from_flags`)."""
+  if model is None:
+    if config.bidirectional_inputs is None and config.positions_1d is None:
+      return ModelConfig.prompt_layout
+    bidirectional = config.bidirectional_inputs is not False
+    return layout_from_flags(bidirectional,
+                             config.positions_1d if config.positions_1d is not None else not bidirectional)
+  layout = model.prompt_layout
+  for field, implied in zip(("bidirectional_inputs", "positions_1d"), LAYOUT_FLAGS[layout]):
+    value = getattr(config, field)
+    if value is not None and bool(value) != implied:
+      raise ValueError(f"DataConfig.{field}={value} conflicts with ModelConfig.prompt_layout={layout!r} "
+                       f"(which implies {field}={implied}); drop DataConfig.{field} or change the model's "
+                       "prompt_layout")
+  return layout
 
 
 def resolve_num_shards(config: DataConfig, process_count: int) -> int:
@@ -161,8 +183,10 @@ def _import_tasks(config: DataConfig):
 
 
 def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
-                    num_epochs: Optional[int], process_index: int, process_count: int) -> Callable:
+                    num_epochs: Optional[int], process_index: int, process_count: int,
+                    model: Optional[ModelConfig]) -> Callable:
   """() -> tf.data.Dataset of this process's rows: its shards' batches zipped and concatenated."""
+  layout = resolve_prompt_layout(config, model)
   tasks = _import_tasks(config)
   import seqio  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -175,8 +199,7 @@ def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
     return tasks.seqio_batches(name, sequence_length=config.sequence_length, batch_size=rows, split=split,
                                shuffle=shuffle, seed=config.seed, pack=config.pack, num_epochs=num_epochs,
                                shard_info=seqio.ShardInfo(index=s, num_shards=shards) if shards > 1 else None,
-                               bidirectional_inputs=config.bidirectional_inputs,
-                               positions_1d=config.positions_1d)
+                               prompt_layout=layout)
 
   def make():
     parts = [shard(s) for s in mine]
@@ -187,20 +210,24 @@ def _shard_datasets(config: DataConfig, name: str, split: str, *, shuffle: bool,
   return make
 
 
-def train_stream(config: DataConfig, process_index: int = 0, process_count: int = 1) -> ResumableStream:
+def train_stream(config: DataConfig, process_index: int = 0, process_count: int = 1, *,
+                 model: Optional[ModelConfig] = None) -> ResumableStream:
+  """The training stream; GLM-format tasks are laid out by `model.prompt_layout`."""
   make = _shard_datasets(config, config.mixture, config.train_split, shuffle=config.shuffle,
-                         num_epochs=None, process_index=process_index, process_count=process_count)
+                         num_epochs=None, process_index=process_index, process_count=process_count,
+                         model=model)
   layout = {"mixture": config.mixture, "num_shards": resolve_num_shards(config, process_count),
             "batch_size": config.batch_size, "sequence_length": config.sequence_length,
             "seed": config.seed}
   return from_tf_dataset(make, layout=layout)
 
 
-def eval_batches(config: DataConfig, process_index: int = 0, process_count: int = 1) -> list:
+def eval_batches(config: DataConfig, process_index: int = 0, process_count: int = 1, *,
+                 model: Optional[ModelConfig] = None) -> list:
   """The first `eval_batches` batches of the validation split (fixed, unshuffled); all of it when 0."""
   name = config.eval_mixture or config.mixture
   make = _shard_datasets(config, name, config.eval_split, shuffle=False, num_epochs=1,
-                         process_index=process_index, process_count=process_count)
+                         process_index=process_index, process_count=process_count, model=model)
   ds = make()
   if config.eval_batches:
     ds = ds.take(config.eval_batches)

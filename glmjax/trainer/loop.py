@@ -138,6 +138,7 @@ def _validate(experiment: Experiment) -> None:
                      f"{m.max_length}; shorten the sequences or raise max_length")
   if t.max_nonfinite_streak < 1:
     raise ValueError("TrainerConfig.max_nonfinite_streak must be >= 1")
+  data_lib.resolve_prompt_layout(d, m)  # explicit DataConfig layout flags agree with the model
 
 
 def _progress(enabled: bool, total: int, initial: int):
@@ -221,7 +222,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
                          devices=devices)
   layout = {"batch_size": experiment.data.batch_size, "sequence_length": experiment.data.sequence_length}
   if train_data is None:
-    stream = data_lib.train_stream(experiment.data, pid, nproc)
+    stream = data_lib.train_stream(experiment.data, pid, nproc, model=experiment.model)
     host_rows = lambda b: b  # noqa: E731
   else:
     stream = _as_stream(train_data, layout)
@@ -230,7 +231,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   if eval_data is not None:
     eval_host = [batch_lib.to_host_batch(_host_rows(b, pid, nproc)) for b in eval_data]
   elif wants_eval and train_data is None:
-    eval_host = data_lib.eval_batches(experiment.data, pid, nproc)
+    eval_host = data_lib.eval_batches(experiment.data, pid, nproc, model=experiment.model)
   else:
     eval_host = []
 

@@ -1,6 +1,7 @@
 """The chat prompt is the training format (glmjax.tasks.formats.chat) cut before the answer."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from glmjax.generate.chat import Turn, chat_prompt, stop_ids
@@ -28,17 +29,30 @@ def test_chat_prompt_is_the_training_example_up_to_the_answer():
   assert ids.eop in stop_ids(ids) and ids.user in stop_ids(ids)
 
 
-def test_prompt_layout_defaults_to_the_checkpoints_data_config():
-  """generate / eval lay prompts out as the model was trained unless a flag overrides it."""
+def test_prompt_layout_defaults_to_the_checkpoints_model_config():
+  """generate / eval lay prompts out as the model family does unless a flag overrides it."""
   import argparse
 
+  from glmjax.cli import common
   from glmjax.cli.generate import prompt_convention
+  from glmjax.model import presets
   from glmjax.trainer.data import DataConfig
 
-  no_flags = argparse.Namespace(causal_inputs=None, positions_1d=None)
-  glm = prompt_convention(no_flags, DataConfig())
+  no_flags = argparse.Namespace(prompt_layout=None, causal_inputs=None, positions_1d=None)
+  expected = {"tiny-glm": "glm", "tiny-chatglm": "glm", "tiny-glm130b": "glm130b",
+              "tiny-chatglm2": "causal", "tiny-llama": "causal"}
+  for name, layout in expected.items():
+    assert prompt_convention(no_flags, presets.get(name), DataConfig()).prompt_layout == layout
+  glm = prompt_convention(no_flags, presets.get("tiny-glm"), DataConfig())
   assert glm.bidirectional_inputs and not glm.positions_1d
-  llama = prompt_convention(no_flags, DataConfig(bidirectional_inputs=False, positions_1d=True))
+  llama = prompt_convention(no_flags, presets.get("tiny-llama"))
   assert not llama.bidirectional_inputs and llama.positions_1d
-  forced = prompt_convention(argparse.Namespace(causal_inputs=True, positions_1d=None), DataConfig())
-  assert not forced.bidirectional_inputs and not forced.positions_1d
+  forced = prompt_convention(argparse.Namespace(prompt_layout=None, causal_inputs=True, positions_1d=None),
+                             presets.get("tiny-glm"), DataConfig())
+  assert forced.prompt_layout == "causal"
+  named = prompt_convention(argparse.Namespace(prompt_layout="glm130b", causal_inputs=None, positions_1d=None),
+                            presets.get("tiny-llama"))
+  assert named.prompt_layout == "glm130b"
+  with pytest.raises(common.BadInput, match="DataConfig.positions_1d=False conflicts with "
+                                            "ModelConfig.prompt_layout='causal'"):
+    prompt_convention(no_flags, presets.get("tiny-chatglm2"), DataConfig(positions_1d=False))

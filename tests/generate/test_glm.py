@@ -70,12 +70,12 @@ def test_text_without_mask_is_rejected():
 
 
 def test_blank_filling_with_causal_1d_convention():
-  """A LLaMA-style model trained with positions_1d / causal inputs is prompted the same way."""
+  """A LLaMA-style model (prompt_layout "causal") is prompted the way it was trained."""
   config = presets.get("tiny-llama")
   params = reference.lively_params(config, 4)
   fills = fill_blanks(params, config, TEXTS, mask_ids=(MASK,), sop_id=SOP, eop_id=EOP,
                       options=GenerationOptions(max_new_tokens=MAX_SPAN), return_logits=True,
-                      convention=Convention(bidirectional_inputs=False, positions_1d=True))
+                      convention=Convention("causal"))
   width = max(map(len, TEXTS)) + 2 * (MAX_SPAN + 1)
   for text, fill in zip(TEXTS, fills):
     spans, logits = reference.glm_fill_recompute(params, config, text, (MASK,), SOP, EOP, MAX_SPAN,

@@ -100,7 +100,7 @@ def test_long_examples_are_truncated_and_counted():
 
 def test_llama_style_options_make_everything_causal_and_1d():
   examples = random_examples(60, seed=2)
-  for row in convert(examples, bidirectional_inputs=False, positions_1d=True):
+  for row in convert(examples, prompt_layout="causal"):
     np.testing.assert_array_equal(row["bidirectional"], 0)
     np.testing.assert_array_equal(row["block_positions"], 0)
     for s, segment in segments(row).items():
