@@ -19,12 +19,16 @@ from typing import Optional, Sequence
 from glmjax.cli import common
 
 TOKENIZER = "tokenizer"  # glmjax.workdir.TOKENIZER (not imported: keeps --help fast)
-TARGET_CHOICES = ("auto", "native", "llama", "glm", "cohere", "gpt_neox", "gpt2", "bloom", "torch")
+TARGET_CHOICES = ("auto", "native", "llama", "glm", "chatglm", "cohere", "gpt_neox", "gpt2", "bloom",
+                  "torch")
 EPILOG = """\
 Targets: auto (default) picks the transformers class that represents the model exactly
 (LlamaForCausalLM, GlmForCausalLM / Glm4ForCausalLM, CohereForCausalLM, GPTNeoXForCausalLM,
 GPT2LMHeadModel, BloomForCausalLM), else the plain PyTorch reference model shipped as
 modeling_glmjax.py; native fails instead of falling back, naming the fields that block each class.
+chatglm writes ChatGLM2/3 / GLM-4's own layout (ChatGLMModel: transformer.encoder.layers.N...,
+fused query_key_value and dense_h_to_4h, rope_ratio) for ChatGLM's modeling code, vLLM and
+chatglm.cpp; its config.json auto_map points at THUDM/chatglm3-6b's modeling code on the hub.
 Load the result with transformers.AutoModelForCausalLM.from_pretrained(OUT), and the reference
 model with AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True); model(ids).logits.
 The folder is written under a temporary name and swapped in only when complete.

@@ -144,6 +144,8 @@ def config_json(config: ModelConfig, target: targets.Target, dtype: str, special
   out.update(target.hf_config(config))
   out.update({key: special.get(key) for key in ("bos_token_id", "eos_token_id", "pad_token_id")})
   out["dtype"] = dtype
+  if getattr(target, "remote_code", None):
+    out["torch_dtype"] = dtype  # read by the remote modeling code (_config_to_kwargs)
   out[targets.CONFIG_KEY] = architecture_fields(config)
   if target is targets.REFERENCE:
     out["auto_map"] = dict(AUTO_MAP)

@@ -1,7 +1,12 @@
 """`from_huggingface`: a local HuggingFace folder -> (glmjax params, ModelConfig).
 
 Reads every class `to_huggingface` writes (LLaMA, GLM / GLM-4, Cohere,
-GPT-NeoX, GPT-2, BLOOM and the glmjax torch reference model). A folder written
+GPT-NeoX, GPT-2, BLOOM, ChatGLM2/3 / GLM-4 `ChatGLMModel` and the glmjax torch
+reference model) and the GLM family's own layouts (glmjax.export.families:
+ChatGLM2/3 / GLM-4, ChatGLM-6B, GLM-10B / GLM-Large, GLM-130B SwissArmyTransformer
+shards, merged on import). Weights: safetensors (single or indexed), PyTorch
+`pytorch_model.bin` (single or indexed) and SAT `mp_rank_XX_model_states.pt`,
+pickles only through torch.load(weights_only=True) (glmjax.export.torch_io). A folder written
 by glmjax carries its ModelConfig's architecture fields in config.json
 ("glmjax_config"; runtime fields such as attention_impl get their defaults), so
 import(export(params)) == params bit for bit; other folders get the
@@ -12,6 +17,7 @@ memory-mapped safetensors, one at a time; a damaged file is a ValueError naming 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -19,7 +25,7 @@ from typing import Optional
 
 import numpy as np
 
-from glmjax.export import safetensors_io, targets
+from glmjax.export import families, safetensors_io, targets, torch_io
 from glmjax.model import ModelConfig, is_spec, param_specs
 from glmjax.model.config import RUNTIME_FIELDS, architecture_fields
 
@@ -27,11 +33,20 @@ log = logging.getLogger(__name__)
 
 # Buffers some checkpoints carry that are not parameters.
 IGNORED_TENSORS = (r".*\.attn\.bias$", r".*\.attn\.masked_bias$", r".*rotary_emb\.inv_freq$",
-                   r".*attention\.bias$", r".*attention\.masked_bias$")
+                   r".*attention\.bias$", r".*attention\.masked_bias$",
+                   r".*rotary_pos_emb\.inv_freq$")
 
 
 def read_config_json(hf_dir: str) -> dict:
+  """config.json; for a SwissArmyTransformer folder (a `latest` file) SAT's model_config.json."""
   path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(path) and torch_io.is_sat_folder(hf_dir):
+    sat = os.path.join(hf_dir, families.SAT_CONFIG)
+    if not os.path.exists(sat):
+      raise FileNotFoundError(
+          f"{sat} is missing: a SwissArmyTransformer checkpoint needs its model arguments; for "
+          f"GLM-130B write {json.dumps(families.GLM130B_CONFIG)} (configs/model_glm_130b.sh)")
+    return safetensors_io.read_json(sat, families.SAT_CONFIG)
   if not os.path.exists(path):
     raise FileNotFoundError(f"{hf_dir} has no config.json; pass a folder written by save_pretrained "
                             "or glmjax export")
@@ -39,6 +54,9 @@ def read_config_json(hf_dir: str) -> dict:
 
 
 def target_for(raw: dict) -> targets.Target:
+  family = families.detect(raw)
+  if family is not None:
+    return family
   model_type = raw.get("model_type")
   if model_type not in targets.MODEL_TYPES:
     raise ValueError(f"config.json model_type={model_type!r} is not importable; supported: "
@@ -98,10 +116,12 @@ def assemble(reader: safetensors_io.SafetensorsReader, config: ModelConfig,
     if tmap.name not in reader:
       raise targets.WeightMismatch(f"{reader.directory} has no tensor {tmap.name!r}, which "
                                    f"{target.architecture} with this config needs")
+    shape = tuple(reader.shape(tmap.name))
+    if shape != tuple(tmap.shape):
+      raise targets.WeightMismatch(f"{reader.directory}: {tmap.name} has shape {shape}, the config "
+                                   f"implies {tuple(tmap.shape)}; the weights and config.json are of "
+                                   "different models")
     tensor = reader.get(tmap.name)
-    if tuple(tensor.shape) != tuple(tmap.shape):
-      raise targets.WeightMismatch(f"{tmap.name} has shape {tuple(tensor.shape)}, the config implies "
-                                   f"{tuple(tmap.shape)}")
     used.add(tmap.name)
     for path, value in tmap.from_hf(tensor).items():
       spec = specs[path]
@@ -167,7 +187,7 @@ def from_huggingface(hf_dir: str, *, param_dtype: Optional[str] = None,
   """
   raw = read_config_json(hf_dir)
   target = target_for(raw)
-  with safetensors_io.SafetensorsReader(hf_dir) as reader:
+  with torch_io.open_weights(hf_dir) as reader:
     params, config = _read(hf_dir, raw, target, reader, use_stored_config)
   if param_dtype is not None:
     config = dataclasses.replace(config, param_dtype=param_dtype)
@@ -177,6 +197,11 @@ def from_huggingface(hf_dir: str, *, param_dtype: Optional[str] = None,
 
 def _read(hf_dir: str, raw: dict, target: targets.Target, reader, use_stored_config: bool):
   """(params, config): under the stored glmjax config when it still describes the folder."""
+  if isinstance(target, families.Family) and not (target.exportable and targets.CONFIG_KEY in raw
+                                                   and use_stored_config):
+    target, config = target.configure(raw, reader, _source(hf_dir, raw))
+    config = dataclasses.replace(config, param_dtype=_family_dtype(raw, reader, target, config))
+    return assemble(reader, config, target), config
   config = stored_config(raw) if use_stored_config or target is targets.REFERENCE else None
   if target is targets.REFERENCE and config is None:
     raise ValueError(f"{hf_dir}/config.json has model_type 'glmjax' but no {targets.CONFIG_KEY}")
@@ -196,10 +221,29 @@ def _read(hf_dir: str, raw: dict, target: targets.Target, reader, use_stored_con
       log.warning("weights no longer match the stored glmjax config (%s); importing as a plain %s "
                   "model", e, target.architecture)
       config = None
+  if config is None and isinstance(target, families.Family):
+    return _read(hf_dir, raw, target, reader, use_stored_config=False)
   if config is None:
     config = _with_dtype(native_config(hf_dir, target), raw)
     params = assemble(reader, config, target)
   return params, config
+
+
+def _source(hf_dir: str, raw: dict) -> str:
+  name = "config.json" if os.path.exists(os.path.join(hf_dir, "config.json")) else families.SAT_CONFIG
+  return os.path.join(hf_dir, name)
+
+
+def _family_dtype(raw: dict, reader, target: targets.Target, config: ModelConfig) -> str:
+  """The dtype the weights are stored in: config.json's torch_dtype, else the embedding's."""
+  stored = raw.get("dtype") or raw.get("torch_dtype")
+  if stored is None:
+    first = target.tensors(dataclasses.replace(config, num_layers=1))[0].name
+    stored = str(np.dtype(reader.get(first).dtype)) if first in reader else "float32"
+  if stored not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"{_source(reader.directory, raw)}: dtype {stored!r} is not float32, bfloat16 "
+                     "or float16")
+  return stored
 
 
 def _with_dtype(config: ModelConfig, raw: dict) -> ModelConfig:

@@ -785,3 +785,9 @@ def select(config: ModelConfig, target: str = "auto") -> Target:
                      + "\n  ".join(blockers)
                      + "\nuse target='auto' to pick a class that can (or 'torch' for the reference model)")
   return chosen
+
+
+# `chatglm` (glmjax.export.families.ChatGlm, ChatGLM2/3 / GLM-4's own layout) registers itself in
+# TARGETS when families is imported; it is exported by name only: "auto" picks classes transformers
+# ships, and ChatGLM's needs the hub's remote code.
+from glmjax.export import families  # noqa: E402,F401  pylint: disable=wrong-import-position,cyclic-import
