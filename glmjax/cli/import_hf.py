@@ -31,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
       prog="glmjax import", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Import a local HuggingFace checkpoint as a glmjax train workdir (orbax + gin).")
   p.add_argument("--from", dest="source", required=True,
-                 help="HuggingFace folder (config.json + safetensors), e.g. from save_pretrained")
+                 help="checkpoint folder: config.json + safetensors or pytorch_model.bin (single or "
+                      "indexed), e.g. from save_pretrained or the HF hub (ChatGLM2/3, GLM-4, "
+                      "ChatGLM-6B, GLM-10B / -Large), or a SwissArmyTransformer folder (latest, "
+                      "model_config.json, <iteration>/mp_rank_XX_model_states.pt: GLM-130B)")
   p.add_argument("--out", required=True, help="new (or empty) glmjax workdir to write")
   p.add_argument("--param_dtype", default="float32", choices=("float32", "bfloat16", "float16", "stored"),
                  help="dtype of the imported params (default float32 master weights; 'stored': as saved)")
@@ -51,7 +54,8 @@ def _import(args) -> int:
   from glmjax import workdir  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(args.source):
     raise common.BadInput(f"--from {args.source} is not a folder; give a HuggingFace checkpoint "
-                          "folder (config.json + *.safetensors)")
+                          "folder (config.json + *.safetensors or pytorch_model.bin) or a "
+                          "SwissArmyTransformer checkpoint folder")
   workdir.check_new_run_folder(args.out)
   from glmjax.export import importer  # pylint: disable=import-outside-toplevel
   dtype = None if args.param_dtype == "stored" else args.param_dtype

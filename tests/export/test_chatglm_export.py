@@ -1,0 +1,93 @@
+"""`export --target chatglm`: ChatGLM2/3 / GLM-4's own names, shapes and config.json; the written
+weights give glmjax's logits in transformers' GlmForCausalLM (re-laid as in test_chatglm), and
+export -> import is bit-exact, also through the CLI (import -> export of a run directory)."""
+
+import dataclasses
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from glmjax import cli
+from glmjax.export import from_huggingface, to_huggingface
+from glmjax.export.safetensors_io import SafetensorsReader
+from glmjax.model import presets
+from glmjax.workdir import load_params
+from tests.export import glm_family, helpers
+from tests.export.test_chatglm import glm_for_causal_lm, torch_logits
+
+CONFIGS = {
+    "tiny_chatglm2": presets.get("tiny-chatglm2"),
+    # rotate_half params are permuted into ChatGLM's interleaved layout; theta 5e6 = rope_ratio 500
+    "rotate_half_rope_ratio_500": presets.get("tiny-chatglm2", rope_layout="rotate_half",
+                                              rope_theta=5e6, param_dtype="bfloat16"),
+}
+
+
+def read_folder(folder):
+  with open(os.path.join(folder, "config.json")) as f:
+    config = json.load(f)
+  with SafetensorsReader(folder) as reader:
+    sd = {n: np.asarray(reader.get(n), np.float32) for n in reader.names()}
+  return config, sd
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_export_chatglm_layout_and_logits(name, tmp_path):
+  config = CONFIGS[name]
+  params = helpers.perturbed_params(config)
+  if config.param_dtype == "bfloat16":
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x).astype(jax.numpy.bfloat16), params)
+  out = str(tmp_path / "hf")
+  result = to_huggingface(params, config, out, target="chatglm")
+  assert result.architecture == "ChatGLMModel"
+  hf, sd = read_folder(out)
+  assert hf["model_type"] == "chatglm" and hf["padded_vocab_size"] == config.vocab_size
+  assert (hf["multi_query_attention"], hf["multi_query_group_num"], hf["kv_channels"]) == (
+      True, config.num_kv_heads, config.head_dim)
+  assert hf["rope_ratio"] == config.rope_theta / 10000.0
+  assert hf["auto_map"]["AutoModelForCausalLM"].endswith(
+      "modeling_chatglm.ChatGLMForConditionalGeneration")
+
+  published, published_sd = glm_family.chatglm2()  # the published names (minus the rope buffer)
+  assert set(sd) == set(published_sd) - {"transformer.rotary_pos_emb.inv_freq"}
+  assert set(published) - {"architectures", "auto_map", "eos_token_id", "pad_token_id",
+                           "use_cache"} <= set(hf)
+
+  tokens = helpers.random_tokens(config.vocab_size, (2, 15))
+  f32 = dataclasses.replace(config, param_dtype="float32")
+  expected = helpers.jax_logits(jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params),
+                                f32, tokens)
+  diff = np.abs(torch_logits(glm_for_causal_lm(hf, sd), tokens) - expected).max()
+  assert diff <= helpers.TOLERANCE, f"{name}: max |logits diff| = {diff}"
+
+  back, back_config = from_huggingface(out)
+  assert back_config == config
+  assert helpers.leaves_equal(back, jax.tree_util.tree_map(np.asarray, params))
+
+
+def test_cli_import_then_export_chatglm_is_bit_exact(tmp_path):
+  """glmjax import (ChatGLM3 folder) -> run directory -> glmjax export --target chatglm: the same
+  tensors, bit for bit, and the same architecture fields."""
+  config, sd = glm_family.chatglm2(rope_ratio=50.0)
+  source = glm_family.save_safetensors(tmp_path / "chatglm3", config, sd)
+  run, out = str(tmp_path / "run"), str(tmp_path / "back")
+  assert cli.main(["import", "--from", source, "--out", run, "--param_dtype", "stored"]) == 0
+  assert load_params(run).config.prompt_layout == "causal"
+  assert cli.main(["export", "--checkpoint", run, "--out", out, "--target", "chatglm"]) == 0
+  hf, back = read_folder(out)
+  expected = {k: v for k, v in sd.items() if not k.endswith("inv_freq")}
+  assert set(back) == set(expected)
+  assert all(np.array_equal(back[k], expected[k]) for k in expected)
+  for key in ("padded_vocab_size", "num_layers", "hidden_size", "ffn_hidden_size", "kv_channels",
+              "num_attention_heads", "multi_query_group_num", "seq_length", "rope_ratio",
+              "add_qkv_bias", "add_bias_linear", "layernorm_epsilon"):
+    assert hf[key] == config[key], key
+
+
+def test_export_chatglm_names_the_blocking_fields(tmp_path):
+  with pytest.raises(ValueError, match=r"ModelConfig.rotary_fraction=1.0.*half of each head"):
+    to_huggingface(helpers.perturbed_params(presets.get("tiny-llama")), presets.get("tiny-llama"),
+                   str(tmp_path / "x"), target="chatglm")
