@@ -477,6 +477,11 @@ class Glm130BSat(Family):
     heads, hidden = f.need("num_attention_heads"), f.need("hidden_size")
     vocab, inner = f.need("vocab_size"), f.get("inner_hidden_size", 4 * hidden * 2 // 3, int)
     tp = getattr(reader, "tensor_parallel", 1)
+    declared = f.get("model_parallel_size", tp, int)
+    if declared != tp:
+      raise ValueError(f"{source}: model_parallel_size={declared} but {reader.directory} holds {tp} "
+                       "mp_rank_XX_model_states.pt shards; a shard is missing or the folder mixes "
+                       "checkpoints")
     for field, value in (("num_attention_heads", heads), ("vocab_size", vocab),
                          ("inner_hidden_size", inner)):
       if value % tp:
