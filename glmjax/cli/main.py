@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "export": ("glmjax.cli.export", "Export a checkpoint to PyTorch / HuggingFace format."),
     "import": ("glmjax.cli.import_hf", "Import a HuggingFace checkpoint as a glmjax workdir."),
     "tokenizer": ("glmjax.cli.tokenizer", "Train or inspect a SentencePiece vocabulary."),
+    "compile": ("glmjax.cli.compile", "AOT-compile the train/decode step for a TPU topology; memory, fits."),
 }
 
 

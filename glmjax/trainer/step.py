@@ -28,6 +28,8 @@ import optax
 
 from glmjax import sharding as shd
 from glmjax.model import ModelConfig, forward_with_aux, init_params
+from glmjax.model.batch import BATCH_KEYS
+from glmjax.model.batch import dtype_of as batch_dtype
 from glmjax.model.constraints import constrain
 from glmjax.trainer import loss as loss_lib
 from glmjax.trainer import optim
@@ -180,6 +182,24 @@ class TrainProgram:
     shapes = jax.eval_shape(self._init_state, jax.random.PRNGKey(0))
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                         shapes, self.state_shardings)
+
+  def abstract_batch(self, sequence_length: int) -> dict:
+    """ShapeDtypeStructs of one global batch (every contract key) with the batch sharding."""
+    shape = (self.global_batch_size, sequence_length)
+    return {key: jax.ShapeDtypeStruct(shape, batch_dtype(key), sharding=self.batch_sharding)
+            for key in BATCH_KEYS}
+
+  def lower(self, step: str, sequence_length: int):
+    """The jitted train or eval step lowered for abstract inputs (ahead-of-time compiles for
+    devices that need not be attached, e.g. `jax.experimental.topologies`)."""
+    batch = self.abstract_batch(sequence_length)
+    state = self.abstract_state()  # outside the mesh context: it runs a PRNGKey on this host
+    with self.sharding_context():
+      if step == "train":
+        return self._step.lower(state, batch)
+      if step == "eval":
+        return self._eval.lower(state["params"], batch)
+    raise ValueError(f"step={step!r} is not 'train' or 'eval'")
 
   def global_batch(self, host_batch: dict) -> dict:
     """This process's rows -> global arrays sharded over the mesh's batch axes."""

@@ -1,0 +1,137 @@
+"""`glmjax compile`: the train step compiled ahead of time for real TPU topologies (libtpu, no TPU).
+
+The argument bytes the TPU compiler reports are checked against the sharded params + Adam state
+computed here from `param_specs` and the default rules, by hand.
+"""
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+from glmjax import cli, config_gin
+from glmjax.model import is_spec, param_specs
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEMO = os.path.join(REPO, "experiments", "demo.gin")
+
+# A small GLM whose every sharded array is whole (8, 128) float32 TPU tiles on fsdp=2 x tensor=2:
+# then the compiler's argument bytes are exactly shard elements x 4 (no tile padding).
+SMALL_GLM = ["MeshConfig.data = 1", "MeshConfig.fsdp = 2", "MeshConfig.tensor = 2",
+             "ModelConfig.num_layers = 8", "ModelConfig.d_model = 256", "ModelConfig.ffn_dim = 256",
+             "ModelConfig.num_heads = 16", "ModelConfig.num_kv_heads = 16",
+             "ModelConfig.head_dim = 128", "ModelConfig.vocab_size = 1024",
+             "DataConfig.batch_size = 16", "DataConfig.sequence_length = 128"]
+MESH = {"fsdp": 2, "tensor": 2}
+RULE = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
+
+
+def run_cli(argv):
+  config_gin.clear()
+  try:
+    return cli.main(list(argv))
+  finally:
+    config_gin.clear()
+
+
+def compile_args(bindings, *extra):
+  return ["compile", "--gin_file", DEMO] + [a for b in bindings for a in ("--gin", b)] + list(extra)
+
+
+def hand_param_bytes_per_device(model_config) -> int:
+  """Sum over params of elements / (mesh parts of its sharded dims) x itemsize; a mesh axis
+  shards at most one dim of an array (the first logical axis mapped to it)."""
+  total = 0
+  for spec in jax.tree_util.tree_leaves(param_specs(model_config), is_leaf=is_spec):
+    used, parts = set(), 1
+    for axis in spec.axes:
+      mesh_axis = RULE.get(axis)
+      if mesh_axis and mesh_axis not in used:
+        used.add(mesh_axis)
+        parts *= MESH[mesh_axis]
+    assert math.prod(spec.shape) % parts == 0
+    total += math.prod(spec.shape) // parts * np.dtype(spec.dtype).itemsize
+  return total
+
+
+def small_model_config():
+  config_gin.clear()
+  try:
+    config_gin.parse([DEMO], SMALL_GLM)
+    return config_gin.build_experiment().model
+  finally:
+    config_gin.clear()
+
+
+def test_small_glm_on_v5e_2x2_fits_and_argument_bytes_match_param_specs(tmp_path, capfd):
+  out = tmp_path / "report.json"
+  assert run_cli(compile_args(SMALL_GLM, "--topology", "v5e:2x2", "--json", str(out))) == 0
+  captured = capfd.readouterr()
+  assert "does NOT fit" not in captured.out and "fits" in captured.out
+  assert "TPU" not in captured.err and "Failed to find host bounds" not in captured.err
+  report = json.loads(out.read_text())
+  assert report["fits"] is True and report["num_devices"] == 4
+  assert report["device_kind"] == "TPU v5 lite"
+  assert report["hbm_bytes_per_device"] == int(15.75 * 1024**3)
+
+  params = hand_param_bytes_per_device(small_model_config())
+  # train state: params + Adam mu + nu (param dtype, param sharding) and 6 scalars (step, rng,
+  # two non-finite counters, Adam's and the schedule's counts), each the TPU's 512-byte minimum
+  state = 3 * params + 6 * 512
+  batch = 7 * (16 // 2) * 128 * 4  # 7 int32/float32 [batch, length] fields, batch split by fsdp
+  mem = report["per_device_bytes"]
+  assert mem["arguments"] == state + batch
+  assert mem["aliased"] == state  # the donated state is updated in place
+  assert mem["peak"] == (mem["arguments"] + mem["outputs"] + mem["temporaries"] - mem["aliased"]
+                         + mem["generated_code"])
+  assert mem["peak"] <= report["hbm_bytes_per_device"]
+
+  assert report["compile_s"] > 0
+  # 6N + attention per token (N: matmul params, all but the learned position tables) x tokens
+  cfg = small_model_config()
+  n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=is_spec))
+  n -= 2 * cfg.max_length * cfg.d_model  # position + block_position lookup tables
+  tokens = 16 * 128
+  expected = (6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128) * tokens
+  assert math.isclose(report["flops_per_step"], expected, rel_tol=1e-9)
+
+  coll = report["collectives"]
+  assert coll["all-gather"]["count"] >= cfg.num_layers  # fsdp gathers each layer's weights
+  assert coll["all-reduce"]["bytes"] > 0
+  assert all(row["dcn_bytes"] == 0 for row in coll.values())  # one slice: all on ICI
+  roof = report["roofline"]
+  assert roof["step_s_lower_bound"] >= roof["compute_s"] > 0
+  assert 0 < roof["mfu_bound"] <= 1
+
+
+def test_too_large_for_the_slice_reports_fits_false_and_exits_3(tmp_path, capfd):
+  big = ["MeshConfig.data = 1", "MeshConfig.fsdp = 4", "ModelConfig.num_layers = 8",
+         "ModelConfig.d_model = 8192", "ModelConfig.num_heads = 64", "ModelConfig.num_kv_heads = 64",
+         "ModelConfig.head_dim = 128", "ModelConfig.ffn_dim = 32768"]
+  out = tmp_path / "big.json"
+  assert run_cli(compile_args(big, "--topology", "v5e:2x2", "--json", str(out))) == 3
+  assert "does NOT fit" in capfd.readouterr().out
+  report = json.loads(out.read_text())
+  assert report["fits"] is False
+  # ~6.4e9 params x (4 + 4 + 4) bytes over 4 chips alone exceed a v5e's 15.75 GiB
+  assert report["per_device_bytes"]["arguments"] > report["hbm_bytes_per_device"]
+  assert report["per_device_bytes"]["peak"] > report["hbm_bytes_per_device"]
+
+
+def _one_line_exit_2(argv, capfd, needle):
+  assert run_cli(argv) == 2
+  err = capfd.readouterr().err.strip().splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith("glmjax compile: ") and needle in err[0], err
+
+
+def test_bad_topology_exits_2_with_one_line(capfd):
+  _one_line_exit_2(compile_args(SMALL_GLM, "--topology", "v5e-4"), capfd, "v5e:2x2")
+  _one_line_exit_2(compile_args(SMALL_GLM, "--topology", "v5e:3x3"), capfd, "not divisible")
+
+
+def test_mesh_that_does_not_divide_the_slice_exits_2_with_one_line(capfd):
+  _one_line_exit_2(compile_args(SMALL_GLM + ["MeshConfig.fsdp = 8"], "--topology", "v5e:2x2"),
+                   capfd, "MeshConfig")
