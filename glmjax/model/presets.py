@@ -25,8 +25,11 @@ _GPT = dict(norm="layernorm", norm_placement="pre", ffn="gelu_tanh", qkv_bias=Tr
 _GLM130B = dict(norm="layernorm", norm_placement="deepnorm", ffn="geglu", position="rope",
                 qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
                 embed_grad_scale=0.1, prompt_layout="glm130b")
+# ChatGLM-6B's output head is its own tensor: THUDM/chatglm-6b pytorch_model.bin.index.json lists
+# `lm_head.weight` beside `transformer.word_embeddings.weight` (modeling_chatglm.py,
+# ChatGLMForConditionalGeneration: `self.lm_head = skip_init(nn.Linear, ...)`), 6,707,929,088 parameters.
 _CHATGLM = dict(norm="layernorm", norm_placement="deepnorm", ffn="gelu_tanh", position="rope_2d",
-                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=True,
+                qkv_bias=True, attn_out_bias=True, mlp_bias=True, tie_embeddings=False,
                 prompt_layout="glm")
 _CHATGLM2 = dict(norm="rmsnorm", norm_placement="pre", ffn="swiglu", position="rope",
                  rotary_fraction=0.5, rope_layout="interleaved", qkv_bias=True,

@@ -1,17 +1,28 @@
 """GLM blank-infilling objectives as seqio preprocessors (tf.data graph code).
 
-The spec is DESIGN.md section 5 (after the GLM reference implementation,
-`blocklm_utils.ConstructBlockStrategy`). From a document of n tokens:
+The spec is GLM's released code, THUDM/GLM `blocklm_utils.py` (commit
+4f61ed7), `ConstructBlockStrategy`; where DESIGN.md section 5 differs, the code
+wins. From a document of n tokens:
 
-* token level `[MASK]`: span lengths ~ Poisson(3) truncated to 1..39, drawn
-  until their sum reaches int(0.15 n) (at least 1); the spans sit at sorted
-  random offsets with at least one untouched token between two spans
-  (GLM's `sample_spans`: m = n - sum - k + 1 free slots, k sorted offsets in
-  [0, m], span j starts at offset_j + sum_{i<j}(len_i + 1)).
-* sentence level `[sMASK]`: sentences (ending in . ? ! ; : 。？！；： or a
-  newline) taken in random order until they cover >= 15% of the tokens.
-* document level `[gMASK]`: one span at the end, its length uniform in
-  [ceil(0.5 n), n) (the prefix stays as context).
+* token level `[MASK]` (`construct_blocks`, lines 336-341): span lengths ~
+  Poisson(3) truncated to 1..39, drawn until their sum reaches int(0.15 n) (at
+  least 1 here), then shuffled (`generate_blank_data` / `sample_span_in_document`,
+  lines 117 and 271) and placed at sorted random offsets with at least one
+  untouched token between two spans (`sample_spans`, lines 103-114: m = n - sum
+  - k + 1 free slots, k sorted offsets in [0, m], span j starts at offset_j +
+  sum_{i<j}(len_i + 1)).
+* sentence level `[sMASK]` (lines 363-387): sentences (ending in a token that
+  `contains_sentence_end`, lines 76-89: . ? ! ; : or a newline) taken in random
+  order until they cover >= int(0.15 n) tokens.
+* document level `[gMASK]` (the 'gpt' branch, lines 403-440): a length L =
+  randint(int(min_ratio * n), n - 2) (`gpt_min_ratio`: 0.5 by default and in the
+  paper, 0.25 in the released `config/ds_block_10B.sh`); then, when the sample
+  holds several documents (an eos before its end) or with probability
+  `gpt_infill_prob` (0.5), the last L tokens are the suffix to generate
+  (Part A = prefix + [gMASK], Part B = <sop> suffix[:-1] -> suffix: no <eop>,
+  lines 410-432); otherwise one span of L tokens at a random offset, never the
+  last token (`generate_blank_data` -> `sample_span_in_document`, line 129 drops
+  the last token from the room), with <eop> like every block (`make_block_data`).
 
 Every objective produces one flat GLM example, the per-example form of the
 batch contract (DESIGN.md section 2), all int32 of one length a + b:
@@ -30,6 +41,16 @@ document, position 0); prefix LM is the document objective.
 Preprocessors take seqio's `sequence_length` (key "tokens"): documents are
 cut into chunks small enough that each example fits that length, and the
 number of spans is capped so that a + b = n + 2k never exceeds it.
+
+The reference draws per batch of samples (one document-span length for the
+batch, from its shortest and longest sample); here every example is its own
+sample. Guards the reference never needs (its samples are full-length rows):
+at least one [MASK] token, L clipped to [1, n], and a chunk too short for a
+span at a random offset takes the suffix variant.
+
+GLM-10B's released data options (`config/ds_block_10B.sh`: --bert-prob 0.5
+--gap-sentence-prob 0.3 --gpt-min-ratio 0.25 --block-mask-prob 0.1
+--short-seq-prob 0.02, [CLS] first) are `GLM_10B_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -53,8 +74,10 @@ DEFAULT_RATES = GLM_10B_RATES
 MASK_RATIO = 0.15
 POISSON_LAMBDA = 3.0
 MAX_SPAN_LENGTH = 39
-DOCUMENT_RATIO = (0.5, 1.0)
-SENTENCE_ENDS = ".?!;:。？！；：\n"
+DOCUMENT_MIN_RATIO = 0.5  # GLM arguments.py --gpt-min-ratio default (paper: 0.5)
+GPT_INFILL_PROB = 0.5  # GLM arguments.py --gpt-infill-prob default
+# GLM blocklm_utils.py `contains_sentence_end` (lines 76-89): exactly these characters.
+SENTENCE_ENDS = ".?!;:\n"
 # Expected a + b = n + 2k over n is ~1.1 for token-level masking (k ~ 0.15 n / 3.16);
 # chunks of length / 1.15 leave room for the span overhead.
 SPAN_OVERHEAD = 1.15
@@ -126,18 +149,21 @@ def token_spans(n, seed, *, max_spans, mask_ratio=MASK_RATIO, poisson_lambda=POI
                 max_span_length=MAX_SPAN_LENGTH):
   """[MASK] spans of a document of n tokens: (starts, lengths), sorted, gaps >= 1.
 
-  At most `max_spans` spans (the caller's length budget); the last span is
-  shortened if the draws overshoot what n tokens can hold with the gaps.
+  At most `max_spans` spans (the caller's length budget); the last span (in the
+  shuffled order) is shortened if the draws overshoot what n tokens can hold with
+  the gaps (the reference drops such a sample, `generate_blank_data` line 275).
   """
   n = tf.cast(n, tf.int32)
-  length_seed, place_seed = split_seeds(seed, 2)
+  length_seed, place_seed, shuffle_seed = split_seeds(seed, 3)
   target = tf.maximum(1, tf.cast(tf.floor(mask_ratio * tf.cast(n, tf.float32)), tf.int32))
   logits = tf.constant(truncated_poisson_logits(poisson_lambda, max_span_length))[None, :]
   draws = tf.random.stateless_categorical(logits, target, length_seed, dtype=tf.int32)[0] + 1
   reached = tf.cumsum(draws) >= target
   k = tf.reduce_sum(tf.cast(tf.logical_not(reached), tf.int32)) + 1
   k = tf.minimum(k, tf.maximum(1, tf.cast(max_spans, tf.int32)))
-  lengths = draws[:k]
+  # The draws are shuffled before placement (blocklm_utils.py lines 117 / 271): the draw that
+  # crosses the target is longer on average and would otherwise always be the rightmost span.
+  lengths = tf.gather(draws[:k], tf.argsort(tf.random.stateless_uniform([k], shuffle_seed)))
   excess = tf.reduce_sum(lengths) + (k - 1) - n
   lengths = tf.tensor_scatter_nd_sub(lengths, [[k - 1]], [tf.maximum(excess, 0)])
   free = n - tf.reduce_sum(lengths) - (k - 1)
@@ -163,18 +189,51 @@ def sentence_spans(tokens, seed, *, end_table, max_spans, mask_ratio=MASK_RATIO)
   return tf.gather(sentence_start, chosen), tf.gather(sentence_length, chosen)
 
 
-def document_span(n, seed, *, ratio=DOCUMENT_RATIO):
-  """[gMASK] span: the last L tokens, L uniform in [ceil(lo n), ceil(hi n)), at least 1.
-
-  So lo <= L / n < hi, and a prefix of at least one token stays unless n == 1.
-  """
+def document_length(n, seed, *, min_ratio=DOCUMENT_MIN_RATIO):
+  """[gMASK] span length: randint(int(min_ratio * n), n - 2) inclusive (blocklm_utils.py
+  line 403), clipped to [1, n] for chunks too short for that range."""
   n = tf.cast(n, tf.int32)
-  nf = tf.cast(n, tf.float32)
-  low = tf.maximum(1, tf.cast(tf.math.ceil(ratio[0] * nf), tf.int32))
-  high = tf.maximum(low + 1, tf.cast(tf.math.ceil(ratio[1] * nf), tf.int32))
-  length = tf.random.stateless_uniform([], seed, minval=low, maxval=high, dtype=tf.int32)
-  length = tf.minimum(length, n)
-  return tf.reshape(n - length, [1]), tf.reshape(length, [1])
+  high = tf.maximum(n - 2, 1)
+  low = tf.minimum(tf.maximum(tf.cast(tf.floor(min_ratio * tf.cast(n, tf.float32)), tf.int32), 1), high)
+  length = tf.random.stateless_uniform([], seed, minval=low, maxval=high + 1, dtype=tf.int32)
+  return tf.minimum(length, n)
+
+
+def document_example(tokens, seed, *, gmask_id, sop_id, eop_id, eos_id, min_ratio=DOCUMENT_MIN_RATIO,
+                     infill_prob=GPT_INFILL_PROB, first_kept=0):
+  """The [gMASK] example of GLM's 'gpt' branch (blocklm_utils.py lines 403-440).
+
+  Suffix variant (several documents in the sample, i.e. an eos before the last
+  token, or with probability `infill_prob`, lines 408-432): Part A = the first n - L
+  tokens + [gMASK], Part B = <sop> + suffix[:-1] with targets the suffix (no <eop>),
+  at the mask's position, block positions 1..L. Otherwise one span of L tokens at a
+  random offset in tokens[first_kept : n - 1] (`sample_span_in_document`: a leading
+  [CLS] and the last token are never masked, lines 119-129) with <eop>.
+  `first_kept` is 1 when the sample starts with [CLS].
+  """
+  tokens = tf.cast(tokens, tf.int32)
+  n = tf.size(tokens)
+  length_seed, variant_seed, place_seed, shuffle_seed = split_seeds(seed, 4)
+  length = document_length(n, length_seed, min_ratio=min_ratio)
+  several_documents = tf.reduce_any(tf.equal(tokens[:-1], eos_id))
+  room = n - 1 - first_kept - length
+  suffix = (several_documents | (tf.random.stateless_uniform([], variant_seed) < infill_prob)
+            | (room < 0))
+
+  def as_suffix():
+    division = n - length
+    part_a = tf.concat([tokens[:division], [gmask_id]], 0)
+    target = tokens[division:]
+    return assemble_example(part_a, tf.concat([[sop_id], target[:-1]], 0), target,
+                            tf.fill([length], division), tf.range(1, length + 1))
+
+  def at_random_offset():
+    start = first_kept + tf.random.stateless_uniform([], place_seed, minval=0, maxval=tf.maximum(room, 0) + 1,
+                                                     dtype=tf.int32)
+    return build_blank_infilling_example(tokens, tf.reshape(start, [1]), tf.reshape(length, [1]), gmask_id,
+                                         shuffle_seed, sop_id=sop_id, eop_id=eop_id)
+
+  return tf.cond(suffix, as_suffix, at_random_offset)
 
 
 # ------------------------------------------------------------------ example builders
@@ -291,13 +350,75 @@ def _resolve_rates(objective, rates) -> dict[str, float]:
   return {k: float(v) for k, v in rates.items() if v > 0}
 
 
-def max_document_tokens(max_length: Optional[int], objectives) -> Optional[int]:
+def max_document_tokens(max_length: Optional[int], objectives, cls_first: bool = False) -> Optional[int]:
   """Longest document chunk whose example fits `max_length` (see SPAN_OVERHEAD)."""
   if max_length is None:
     return None
+  room = max_length - int(cls_first)
   if set(objectives) <= {"document"}:
-    return max_length - 2
-  return int(max_length / SPAN_OVERHEAD)
+    return room - 2
+  return int(room / SPAN_OVERHEAD)
+
+
+# GLM-10B's released pretraining data options (THUDM/GLM config/ds_block_10B.sh: --bert-prob 0.5
+# --gap-sentence-prob 0.3 --gpt-min-ratio 0.25 --block-mask-prob 0.1 --short-seq-prob 0.02; every
+# sample starts with [CLS], `generate_blank_data` line 273 asserts it), as blank_infilling kwargs:
+# blank_infilling(ds, ..., **GLM_10B_OPTIONS). [CLS] and block masking need a vocabulary with
+# the [CLS] / [dBLOCK] pieces (GLM-10B's tokenizer; the shipped one has neither).
+GLM_10B_OPTIONS = dict(rates=GLM_10B_RATES, document_min_ratio=0.25, gpt_infill_prob=GPT_INFILL_PROB,
+                       block_mask_prob=0.1, short_seq_prob=0.02, cls_first=True)
+CLS = "[CLS]"
+DBLOCK = "[dBLOCK]"
+
+
+def _piece_id(vocabulary, piece: str, option: str) -> int:
+  tokenizer = vocabulary.tokenizer
+  i = tokenizer.piece_to_id(piece)
+  if i == tokenizer.unk_id() and piece != tokenizer.id_to_piece(i):
+    raise ValueError(f"{option} needs a {piece} piece in the vocabulary, which "
+                     f"{vocabulary.sentencepiece_model_file} lacks; use a vocabulary with it "
+                     f"(GLM-10B's) or turn {option} off")
+  return int(i)
+
+
+def block_mask(example, seed, *, dblock_id, prob):
+  """GLM `block_mask_prob` (make_block_data, lines 195-198): each span token fed as a Part B
+  input (not <sop>) is replaced by [dBLOCK] with probability `prob`; targets are unchanged."""
+  tokens = example["tokens"]
+  span_input = (example["bidirectional"] == 0) & (example["block_positions"] > 1)
+  hit = span_input & (tf.random.stateless_uniform(tf.shape(tokens), seed) < prob)
+  return dict(example, tokens=tf.where(hit, tf.constant(dblock_id, tf.int32), tokens))
+
+
+def short_pieces(tokens, seed, *, end_table, eos_id, max_length):
+  """GLM `split_samples` (lines 283-310), the `short_seq_prob` branch: a target length
+  t = randrange(32, max_length - 1), (max_length - 1) // t pieces; each starts at a random
+  point moved back to a sentence start and ends at t tokens moved back to a sentence end
+  (kept at t when that leaves less than t // 2). Sentence ends: `contains_sentence_end`
+  or eos."""
+  tokens = tf.cast(tokens, tf.int32)
+  n = tf.size(tokens)
+  length_seed, start_seed = split_seeds(seed, 2)
+  t = tf.random.stateless_uniform([], length_seed, minval=32, maxval=max(max_length - 1, 33), dtype=tf.int32)
+  count = tf.maximum((max_length - 1) // t, 1)
+  is_end = tf.gather(end_table, tokens) | tf.equal(tokens, eos_id)
+  index = tf.range(n)
+  # A piece may start at 0 or right after a sentence end, never on an eos.
+  can_start = tf.concat([[True], is_end[:-1]], 0) & tf.not_equal(tokens, eos_id)
+  can_start = can_start | tf.equal(index, 0)
+  ends_here = tf.concat([is_end, [False]], 0)  # ends_here[e]: a piece may end before index e
+
+  def piece(i):
+    drawn = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(start_seed, i),
+                                        minval=0, maxval=tf.maximum(n - t, 1), dtype=tf.int32)
+    start = tf.reduce_max(tf.where(can_start & (index <= drawn), index, 0))
+    e = tf.range(n + 1)
+    fits = (e > start) & (e <= start + t) & tf.gather(ends_here, tf.maximum(e - 1, 0))
+    end = tf.reduce_max(tf.where(fits, e, start))
+    end = tf.where(end - start < t // 2, start + t, end)
+    return tf.cond(t >= n, lambda: tokens, lambda: tokens[start:tf.minimum(end, n)])
+
+  return tf.data.Dataset.range(tf.cast(count, tf.int64)).map(lambda i: piece(tf.cast(i, tf.int32)))
 
 
 def blank_infilling(dataset: tf.data.Dataset,
@@ -309,64 +430,107 @@ def blank_infilling(dataset: tf.data.Dataset,
                     mask_ratio: float = MASK_RATIO,
                     poisson_lambda: float = POISSON_LAMBDA,
                     max_span_length: int = MAX_SPAN_LENGTH,
-                    document_ratio: tuple[float, float] = DOCUMENT_RATIO,
+                    document_min_ratio: float = DOCUMENT_MIN_RATIO,
+                    gpt_infill_prob: float = GPT_INFILL_PROB,
                     shuffle_spans: bool = True,
+                    cls_first: bool = False,
+                    block_mask_prob: float = 0.0,
+                    short_seq_prob: float = 0.0,
                     input_key: str = "targets") -> tf.data.Dataset:
   """GLM blank infilling: token ids in `input_key` -> flat GLM examples.
 
   `objective` picks one of "token" | "sentence" | "document"; otherwise each
   example draws its objective with `rates` (default GLM-10B: 0.5 token, 0.3
   sentence, 0.2 document; `GLM_130B_RATES` is 0.3 token / 0.7 document).
-  Deterministic from seqio's preprocessor seed.
+  `document_min_ratio` / `gpt_infill_prob` are GLM's --gpt-min-ratio /
+  --gpt-infill-prob; `cls_first`, `block_mask_prob`, `short_seq_prob` GLM's
+  [CLS]-first samples, --block-mask-prob and --short-seq-prob (GLM_10B_OPTIONS
+  has GLM-10B's released values). Deterministic from seqio's preprocessor seed.
   """
   rates = _resolve_rates(objective, rates)
   if not 0 < mask_ratio < 0.5:
     raise ValueError(f"mask_ratio={mask_ratio} must be in (0, 0.5)")
-  if not 0 <= document_ratio[0] < document_ratio[1] <= 1:
-    raise ValueError(f"document_ratio={document_ratio} must satisfy 0 <= low < high <= 1")
+  if not 0 <= document_min_ratio < 1:
+    raise ValueError(f"document_min_ratio={document_min_ratio} must be in [0, 1) (GLM --gpt-min-ratio)")
+  for name, prob in (("gpt_infill_prob", gpt_infill_prob), ("block_mask_prob", block_mask_prob),
+                     ("short_seq_prob", short_seq_prob)):
+    if not 0 <= prob <= 1:
+      raise ValueError(f"{name}={prob} must be a probability in [0, 1]")
   vocabulary = vocabulary_of(output_features)
   ids = vocab_lib.special_ids(vocabulary)
+  cls_id = _piece_id(vocabulary, CLS, "cls_first") if cls_first else None
+  dblock_id = _piece_id(vocabulary, DBLOCK, "block_mask_prob") if block_mask_prob > 0 else None
   max_length = row_length(sequence_length)
-  end_table = tf.constant(sentence_end_table(vocabulary)) if "sentence" in rates else None
+  if short_seq_prob > 0 and max_length is None:
+    raise ValueError("short_seq_prob needs a sequence_length (GLM draws the short length below it)")
+  needs_ends = "sentence" in rates or short_seq_prob > 0
+  end_table = tf.constant(sentence_end_table(vocabulary)) if needs_ends else None
   names = list(rates)
   log_rates = tf.math.log(tf.constant([[rates[k] for k in names]], tf.float32))
   mask_ids = {"token": ids.mask, "sentence": ids.smask, "document": ids.gmask}
+  first = int(cls_first)
 
-  def spans_for(name, tokens, seed, max_spans):
-    n = tf.size(tokens)
+  def example_for(name, tokens, seed, max_spans):
+    """`tokens` is the sample ([CLS] first with cls_first); spans never cover the [CLS]."""
+    span_seed, shuffle_seed, mask_seed = split_seeds(seed, 3)
+    if name == "document":
+      return document_example(tokens, span_seed, gmask_id=ids.gmask, sop_id=ids.sop, eop_id=ids.eop,
+                              eos_id=ids.eos, min_ratio=document_min_ratio, infill_prob=gpt_infill_prob,
+                              first_kept=first)
+    body = tokens[first:]
     if name == "token":
-      starts, lengths = token_spans(n, seed, max_spans=max_spans, mask_ratio=mask_ratio,
+      starts, lengths = token_spans(tf.size(body), span_seed, max_spans=max_spans, mask_ratio=mask_ratio,
                                     poisson_lambda=poisson_lambda, max_span_length=max_span_length)
-    elif name == "sentence":
-      starts, lengths = sentence_spans(tokens, seed, end_table=end_table, max_spans=max_spans,
-                                       mask_ratio=mask_ratio)
     else:
-      starts, lengths = document_span(n, seed, ratio=document_ratio)
-    return starts, lengths, tf.constant(mask_ids[name], tf.int32)
+      starts, lengths = sentence_spans(body, span_seed, end_table=end_table, max_spans=max_spans,
+                                       mask_ratio=mask_ratio)
+    example = build_blank_infilling_example(tokens, starts + first, lengths, mask_ids[name], shuffle_seed,
+                                            sop_id=ids.sop, eop_id=ids.eop, shuffle_spans=shuffle_spans)
+    if name == "token" and dblock_id is not None:  # GLM: task == 'bert' only
+      example = block_mask(example, mask_seed, dblock_id=dblock_id, prob=block_mask_prob)
+    return example
 
   @seqio.map_over_dataset(num_seeds=1)
   def make_example(tokens, seed):
-    choice_seed, span_seed, shuffle_seed = split_seeds(seed, 3)
+    choice_seed, span_seed = split_seeds(seed, 2)
+    if cls_id is not None:
+      tokens = tf.concat([[cls_id], tf.cast(tokens, tf.int32)], 0)
     n = tf.size(tokens)
     max_spans = n if max_length is None else (max_length - n) // 2
     if len(names) == 1:
-      starts, lengths, mask_id = spans_for(names[0], tokens, span_seed, max_spans)
-    else:
-      branch = tf.random.stateless_categorical(log_rates, 1, choice_seed, dtype=tf.int32)[0, 0]
-      starts, lengths, mask_id = tf.switch_case(
-          branch, [functools.partial(spans_for, name, tokens, span_seed, max_spans) for name in names])
-    return build_blank_infilling_example(tokens, starts, lengths, mask_id, shuffle_seed, sop_id=ids.sop,
-                                         eop_id=ids.eop, shuffle_spans=shuffle_spans)
+      return example_for(names[0], tokens, span_seed, max_spans)
+    branch = tf.random.stateless_categorical(log_rates, 1, choice_seed, dtype=tf.int32)[0, 0]
+    return tf.switch_case(
+        branch, [functools.partial(example_for, name, tokens, span_seed, max_spans) for name in names])
 
-  chunked = chunk_documents(dataset, max_document_tokens(max_length, names), key=input_key)
+  chunked = chunk_documents(dataset, max_document_tokens(max_length, names, cls_first), key=input_key)
+  if short_seq_prob > 0:
+    chunked = _maybe_short(chunked, short_seq_prob, end_table=end_table, eos_id=ids.eos,
+                           max_length=max_document_tokens(max_length, names, cls_first))
   return make_example(chunked)
 
 
+def _maybe_short(chunks: tf.data.Dataset, prob: float, *, end_table, eos_id, max_length: int):
+  """With probability `prob` a chunk becomes GLM's short pieces (`short_pieces`), else stays."""
+  @seqio.map_over_dataset(num_seeds=2)
+  def draw(tokens, seeds):
+    return {"tokens": tokens, "short": tf.random.stateless_uniform([], seeds[0]) < prob, "seed": seeds[1]}
+
+  def expand(ex):
+    return tf.cond(ex["short"],
+                   lambda: short_pieces(ex["tokens"], ex["seed"], end_table=end_table, eos_id=eos_id,
+                                        max_length=max_length),
+                   lambda: tf.data.Dataset.from_tensors(ex["tokens"]))
+
+  return draw(chunks).flat_map(expand)
+
+
 def prefix_lm(dataset, sequence_length=None, output_features=None, *,
-              ratio: tuple[float, float] = DOCUMENT_RATIO, input_key: str = "targets"):
-  """Prefix LM: the document objective (`[gMASK]` after a bidirectional prefix)."""
+              min_ratio: float = DOCUMENT_MIN_RATIO, input_key: str = "targets"):
+  """Prefix LM: the suffix variant of the document objective (`[gMASK]` after a bidirectional
+  prefix, the last L tokens generated, L = randint(int(min_ratio * n), n - 2))."""
   return blank_infilling(dataset, sequence_length, output_features, objective="document",
-                         document_ratio=ratio, input_key=input_key)
+                         document_min_ratio=min_ratio, gpt_infill_prob=1.0, input_key=input_key)
 
 
 def causal_lm(dataset, sequence_length=None, output_features=None, *, input_key: str = "targets"):

@@ -14,7 +14,7 @@ EXACT = {
     "llama2-7b": 6_738_415_616,  # meta-llama/Llama-2-7b-hf
     "llama2-70b": 68_976_648_192,  # meta-llama/Llama-2-70b-hf
     "chatglm2-6b": 6_243_584_000,  # THUDM/chatglm2-6b
-    "chatglm-6b": 6_173_286_400,  # THUDM/chatglm-6b (tied lm_head, "6.2B")
+    "chatglm-6b": 6_707_929_088,  # THUDM/chatglm-6b: untied lm_head (index lists lm_head.weight)
     "bloom-176b": 176_247_271_424,  # bigscience/bloom
     "bloom-560m": 559_214_592,  # bigscience/bloom-560m
     "gpt2": 124_439_808,  # openai-community/gpt2

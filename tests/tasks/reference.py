@@ -23,12 +23,14 @@ def split_parts(example, sop_id: int):
   return tokens[:a], spans
 
 
-def fill_blanks(part_a, spans, mask_ids) -> list[int]:
-  """Replaces each mask token of Part A by the span whose position points at it."""
+def fill_blanks(part_a, spans, mask_ids, eop_id=None) -> list[int]:
+  """Replaces each mask token of Part A by the span whose position points at it. With `eop_id`,
+  a span whose targets do not end in <eop> (GLM's [gMASK] suffix) keeps all its targets."""
   by_position = {}
   for position, _, span_targets, _, _ in spans:
     assert position not in by_position, "two spans point at the same mask"
-    by_position[position] = list(span_targets[:-1])
+    ends_in_eop = eop_id is None or span_targets[-1] == eop_id
+    by_position[position] = list(span_targets[:-1] if ends_in_eop else span_targets)
   out = []
   for i, token in enumerate(part_a):
     if i in by_position:

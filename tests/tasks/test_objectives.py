@@ -109,22 +109,134 @@ def test_sentence_level_masks_whole_sentences():
         cursor += 1
 
 
-def test_document_level_keeps_a_prefix_and_masks_half_or_more():
-  documents = random_documents(200, seed=3, low=2)
+def document_variant(example, document, *, first_kept=0):
+  """("suffix" | "offset", L) of a [gMASK] example, each variant checked against GLM's code
+  (blocklm_utils.py lines 410-432 and 434-437 through make_block_data)."""
+  n = len(document)
+  part_a, spans = reference.split_parts(example, IDS.sop)
+  assert len(spans) == 1 and list(part_a).count(IDS.gmask) == 1
+  position, tokens, targets, positions, blocks = spans[0]
+  length = len(tokens)  # <sop> + L - 1 inputs (suffix) or <sop> + L inputs (offset)
+  np.testing.assert_array_equal(positions, position)
+  np.testing.assert_array_equal(blocks, np.arange(1, len(tokens) + 1))
+  np.testing.assert_array_equal(example["loss_mask"], 1 - np.asarray(example["bidirectional"]))
+  if targets[-1] != IDS.eop:  # suffix: the last L tokens, no <eop>
+    L = length
+    np.testing.assert_array_equal(part_a, np.concatenate([document[:n - L], [IDS.gmask]]))
+    np.testing.assert_array_equal(tokens, np.concatenate([[IDS.sop], document[n - L:n - 1]]))
+    np.testing.assert_array_equal(targets, document[n - L:])
+    assert position == n - L
+    return "suffix", L
+  L = length - 1
+  reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop, mask_ids=(IDS.gmask,))
+  assert first_kept <= position and position + L <= n - 1, "the span covers [CLS] or the last token"
+  return "offset", L
+
+
+@functools.lru_cache(maxsize=None)
+def document_examples(ratio=objectives.DOCUMENT_MIN_RATIO):
+  documents = random_documents(1500, seed=3, low=40, high=400)
+  return documents, run(documents, blank("document", document_min_ratio=ratio))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.25])
+def test_document_length_is_glms_randint_and_half_the_spans_sit_at_a_random_offset(ratio):
+  """L = randint(int(ratio n), n - 2) (line 403); suffix with gpt_infill_prob 0.5 (line 410)."""
+  documents, examples = document_examples(ratio)
+  variants, lengths, low, high = [], [], [], []
+  for document, example in zip(documents, examples):
+    variant, L = document_variant(example, document)
+    n = len(document)
+    variants.append(variant)
+    lengths.append(L)
+    low.append(int(ratio * n))
+    high.append(n - 2)
+  lengths, low, high = map(np.array, (lengths, low, high))
+  assert (lengths >= low).all() and (lengths <= high).all()
+  assert (lengths == low).sum() > 0, "the minimum int(ratio * n) is never drawn"
+  # Mean of the uniform integer draws, within 4 standard errors.
+  mean, var = (low + high) / 2, ((high - low + 1) ** 2 - 1) / 12
+  assert abs(lengths.mean() - mean.mean()) < 4 * np.sqrt(var.sum()) / len(lengths)
+  offset_share = np.mean(np.array(variants) == "offset")
+  assert abs(offset_share - 0.5) < 4 * np.sqrt(0.25 / len(variants)), offset_share
+
+
+def test_document_with_several_documents_is_always_a_suffix():
+  """multiple_doc (an eos before the end, line 408) always takes the suffix variant."""
+  documents = random_documents(200, seed=8, low=40, high=200)
+  for d in documents:
+    d[len(d) // 2] = IDS.eos
   for document, example in zip(documents, run(documents, blank("document"))):
-    part_a, spans = reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop,
-                                                mask_ids=(IDS.gmask,))
-    assert len(spans) == 1 and part_a[-1] == IDS.gmask
-    masked = len(spans[0][2]) - 1
-    assert 0.5 <= masked / len(document) < 1.0 or (len(document) == 1 and masked == 1)
-    np.testing.assert_array_equal(part_a[:-1], document[:len(document) - masked])
+    assert document_variant(example, document)[0] == "suffix"
+
+
+def test_prefix_lm_is_the_suffix_variant_only():
+  documents = random_documents(100, seed=9, low=10, high=200)
+  examples = run(documents, functools.partial(objectives.prefix_lm, sequence_length={"tokens": LENGTH}))
+  for document, example in zip(documents, examples):
+    assert document_variant(example, document)[0] == "suffix"
+
+
+def test_short_documents_still_give_valid_examples():
+  documents = random_documents(200, seed=10, low=1, high=6)
+  for document, example in zip(documents, run(documents, blank("document"))):
+    variant, L = document_variant(example, document)
+    assert 1 <= L <= len(document)
+
+
+def test_span_order_is_unbiased_like_the_reference():
+  """The rightmost [MASK] span is a random one of the draws, as in GLM (lengths shuffled before
+  `sample_spans`, lines 117 / 271), not the draw that crossed 15% (longer on average)."""
+  documents, examples = token_level_examples()
+  rightmost, every = [], []
+  for example in examples:
+    part_a, spans = reference.split_parts(example, IDS.sop)
+    by_position = {p: len(t) - 1 for p, t, _, _, _ in spans}
+    every.extend(by_position.values())
+    rightmost.append(by_position[max(by_position)])
+  # The reference, simulated: draws until >= int(0.15 n), shuffled; the last one is placed rightmost.
+  rng = np.random.default_rng(0)
+  k = np.arange(1, 40)
+  pmf = np.array([3.0 ** i * math.exp(-3.0) / math.factorial(i) for i in k])
+  simulated = []
+  for _ in range(20):
+    for document in documents:
+      draws = []
+      while sum(draws) < int(0.15 * len(document)):
+        draws.append(int(rng.choice(k, p=pmf / pmf.sum())))
+      simulated.append(draws[rng.integers(len(draws))])
+  sd = np.std(every) / np.sqrt(len(rightmost))
+  assert abs(np.mean(rightmost) - np.mean(simulated)) < 4 * sd, (np.mean(rightmost), np.mean(simulated))
+  assert abs(np.mean(rightmost) - np.mean(every)) < 4 * sd
+
+
+def test_sentence_ends_are_exactly_glms_contains_sentence_end():
+  """blocklm_utils.py lines 76-89: '.', '?', '!', ';', ':' or a newline in the piece."""
+  v = vocab.default_vocabulary()
+  table = objectives.sentence_end_table(v)
+  sp = v.tokenizer
+  for i in range(sp.get_piece_size()):
+    if sp.is_control(i) or sp.is_unknown(i):
+      assert not table[i]
+      continue
+    piece = sp.id_to_piece(i)
+    text = "\n" if piece == "<0x0A>" else ("" if sp.is_byte(i) else piece)
+    assert table[i] == any(c in text for c in ".?!;:\n"), piece
+  for piece in ("。", "？", "！"):
+    if sp.piece_to_id(piece) != sp.unk_id():
+      assert not table[sp.piece_to_id(piece)], f"{piece} is no sentence end in GLM's code"
+  assert table[IDS.newline]
 
 
 def test_mixed_rates_follow_glm_130b_preset():
   documents = random_documents(400, seed=4, high=200)
   chosen = []
   for document, example in zip(documents, run(documents, blank(rates=objectives.GLM_130B_RATES))):
-    part_a, _ = reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop, mask_ids=MASKS)
+    part_a, _ = reference.split_parts(example, IDS.sop)
+    if IDS.gmask in part_a:
+      document_variant(example, document)
+    else:
+      reference.check_glm_example(example, document, sop_id=IDS.sop, eop_id=IDS.eop, mask_ids=MASKS)
     kinds = {t for t in part_a if t in MASKS}
     assert len(kinds) == 1
     chosen.append(kinds.pop())
@@ -141,7 +253,7 @@ def test_long_documents_are_chunked_to_fit_and_reconstruct():
     for example in examples:
       assert len(example["tokens"]) <= 128
       part_a, spans = reference.split_parts(example, IDS.sop)
-      rebuilt.extend(reference.fill_blanks(part_a, spans, MASKS))
+      rebuilt.extend(reference.fill_blanks(part_a, spans, MASKS, eop_id=IDS.eop))
     assert rebuilt == list(document)
 
 
