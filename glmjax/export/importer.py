@@ -102,16 +102,39 @@ def native_config(hf_dir: str, target: targets.Target) -> ModelConfig:
   return target.model_config(transformers.AutoConfig.from_pretrained(hf_dir))
 
 
-def assemble(reader: safetensors_io.SafetensorsReader, config: ModelConfig,
-             target: targets.Target) -> dict:
-  """Fills every glmjax leaf from the checkpoint tensors; a slot written twice must agree."""
+def leaf_groups(maps: list) -> list[list]:
+  """The TensorMaps in groups that fill disjoint sets of glmjax leaves: a fused tensor (qkv,
+  [gate; up]) joins the leaves it feeds, so each checkpoint tensor is read exactly once and a
+  group's leaves are complete when its last tensor is read. Order: first appearance."""
+  parent = {}
+
+  def find(x):
+    while parent.setdefault(x, x) != x:
+      parent[x] = parent[parent[x]]
+      x = parent[x]
+    return x
+
+  for tmap in maps:
+    for path in tmap.sources[1:]:
+      parent[find(path)] = find(tmap.sources[0])
+  groups = {}
+  for tmap in maps:
+    if tmap.sources:
+      groups.setdefault(find(tmap.sources[0]), []).append(tmap)
+  return list(groups.values())
+
+
+def iter_leaves(reader, config: ModelConfig, target: targets.Target):
+  """Yields (param path, numpy leaf) one group of leaves at a time (see `leaf_groups`), reading
+  each checkpoint tensor once, lazily: host memory holds one group's leaves (e.g. the stacked
+  wq / wk / wv of every layer) plus the tensor being re-laid, never the whole model.
+
+  Checks first what needs no data (every tensor present with the shape the config implies, no
+  unused tensor), then, per tensor, that a slot written twice agrees."""
   import jax  # pylint: disable=import-outside-toplevel
   specs = {tuple(k.key for k in path): spec for path, spec in
            jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_spec)[0]}
-  arrays = {path: None for path in specs}
-  filled = {path: set() for path in specs}
   maps = target.tensors(config)
-  used = set()
   for tmap in maps:
     if tmap.name not in reader:
       raise targets.WeightMismatch(f"{reader.directory} has no tensor {tmap.name!r}, which "
@@ -121,46 +144,65 @@ def assemble(reader: safetensors_io.SafetensorsReader, config: ModelConfig,
       raise targets.WeightMismatch(f"{reader.directory}: {tmap.name} has shape {shape}, the config "
                                    f"implies {tuple(tmap.shape)}; the weights and config.json are of "
                                    "different models")
-    tensor = reader.get(tmap.name)
-    used.add(tmap.name)
-    for path, value in tmap.from_hf(tensor).items():
-      spec = specs[path]
-      if arrays[path] is None:
-        arrays[path] = np.empty(spec.shape, value.dtype)
-      slot = tmap.layer if tmap.layer is not None else ()
-      target_slice = arrays[path][slot]
-      if np.shape(value) != np.shape(target_slice):
-        raise AssertionError(f"{tmap.name} -> {'/'.join(path)}: {np.shape(value)} vs "
-                             f"{np.shape(target_slice)}")
-      key = tmap.layer if tmap.layer is not None else "all"
-      if key in filled[path]:
-        if not np.array_equal(arrays[path][slot], value):
-          raise targets.WeightMismatch(f"{tmap.name} differs from another tensor that holds "
-                                       f"params[{'/'.join(path)}] (the config says they are one "
-                                       "parameter)")
-        continue
-      arrays[path][slot] = value
-      filled[path].add(key)
-  for path, spec in specs.items():
-    expected = {"all"} if spec.axes[:1] != ("layers",) else set(range(config.num_layers))
-    if filled[path] != expected:
-      raise AssertionError(f"params[{'/'.join(path)}] not fully written by the {target.name} table")
+  used = {tmap.name for tmap in maps}
   unexpected = [n for n in reader.names() if n not in used
                 and not any(re.fullmatch(p, n) for p in IGNORED_TENSORS)]
-  if config.tie_embeddings:
-    unexpected = [n for n in unexpected if not _is_tied_copy(reader, n, arrays)]
+  tied_copies = [n for n in unexpected if config.tie_embeddings and _is_head_name(n)]
+  unexpected = [n for n in unexpected if n not in tied_copies]
   if unexpected:
     raise targets.WeightMismatch(f"{reader.directory} has tensors the config does not use: "
                                  f"{unexpected[:8]}")
-  return _nest({path: arrays[path].astype(np.dtype(_np_name(config.param_dtype)), copy=False)
-                for path in specs})
+  zero_only = [tmap for tmap in maps if not tmap.sources]
+  for tmap in zero_only:  # tensors that must be zeros (their check raises otherwise)
+    tmap.from_hf(reader.get(tmap.name))
+  dtype = np.dtype(_np_name(config.param_dtype))
+  seen = set()
+  for group in leaf_groups(maps):
+    arrays, filled = {}, {}
+    for tmap in group:
+      for path, value in tmap.from_hf(reader.get(tmap.name)).items():
+        spec = specs[path]
+        if path not in arrays:
+          arrays[path], filled[path] = np.empty(spec.shape, value.dtype), set()
+        slot = tmap.layer if tmap.layer is not None else ()
+        if np.shape(value) != np.shape(arrays[path][slot]):
+          raise AssertionError(f"{tmap.name} -> {'/'.join(path)}: {np.shape(value)} vs "
+                               f"{np.shape(arrays[path][slot])}")
+        key = tmap.layer if tmap.layer is not None else "all"
+        if key in filled[path]:
+          if not np.array_equal(arrays[path][slot], value):
+            raise targets.WeightMismatch(f"{tmap.name} differs from another tensor that holds "
+                                         f"params[{'/'.join(path)}] (the config says they are one "
+                                         "parameter)")
+          continue
+        arrays[path][slot] = value
+        filled[path].add(key)
+    for path, array in arrays.items():
+      expected = {"all"} if specs[path].axes[:1] != ("layers",) else set(range(config.num_layers))
+      if filled[path] != expected:
+        raise AssertionError(f"params[{'/'.join(path)}] not fully written by the {target.name} table")
+      if path == ("embed", "embedding"):
+        for name in tied_copies:
+          if not np.array_equal(reader.get(name), array):
+            raise targets.WeightMismatch(f"{reader.directory} has tensors the config does not use: "
+                                         f"[{name!r}] (it differs from the tied embedding)")
+      seen.add(path)
+      yield path, array.astype(dtype, copy=False)
+      del array
+    del arrays
+  missing = sorted("/".join(p) for p in set(specs) - seen)
+  if missing:
+    raise AssertionError(f"params {missing} not written by the {target.name} table")
 
 
-def _is_tied_copy(reader, name: str, arrays: dict) -> bool:
+def assemble(reader, config: ModelConfig, target: targets.Target) -> dict:
+  """Every glmjax leaf from the checkpoint tensors (`iter_leaves`), as a nested dict."""
+  return _nest(dict(iter_leaves(reader, config, target)))
+
+
+def _is_head_name(name: str) -> bool:
   """A tied checkpoint may still store the output projection; it must equal the embedding."""
-  if not name.endswith(("lm_head.weight", "embed_out.weight")):
-    return False
-  return np.array_equal(reader.get(name), arrays[("embed", "embedding")])
+  return name.endswith(("lm_head.weight", "embed_out.weight"))
 
 
 def _np_name(dtype: str):
