@@ -294,3 +294,105 @@ def test_missing_input_feature_is_reported():
   ds = tf.data.Dataset.from_tensors({"text": tf.constant("hello")})
   with pytest.raises(ValueError, match="'targets'"):
     objectives.blank_infilling(ds, objective="token")
+
+
+# ---------------------------------------------------------------- GLM-10B data options
+
+
+@pytest.fixture(scope="module")
+def glm10b_vocabulary(tmp_path_factory):
+  """The shipped vocabulary plus GLM-10B's [CLS] and [dBLOCK] pieces (user-defined symbols)."""
+  from sentencepiece import sentencepiece_model_pb2
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(vocab.default_vocabulary().sp_model)
+  for piece in (objectives.CLS, objectives.DBLOCK):
+    proto.pieces.add(piece=piece, score=0.0,
+                     type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+  path = tmp_path_factory.mktemp("vocab") / "glm10b_like.model"
+  path.write_bytes(proto.SerializeToString())
+  return vocab.GLMVocabulary(str(path))
+
+
+def run_with(documents, vocabulary, seed=1, length=LENGTH, **kwargs):
+  features = {"tokens": seqio.Feature(vocabulary)}
+  return run(documents, functools.partial(objectives.blank_infilling, sequence_length={"tokens": length},
+                                          output_features=features, **kwargs), seed=seed)
+
+
+def test_cls_first_starts_every_sample_and_is_never_masked(glm10b_vocabulary):
+  """GLM samples start with [CLS] (`generate_blank_data` line 273); no span covers it."""
+  cls = glm10b_vocabulary.tokenizer.piece_to_id(objectives.CLS)
+  documents = random_documents(300, seed=11, low=20, high=300)
+  for objective in objectives.OBJECTIVES:
+    examples = run_with(documents, glm10b_vocabulary, objective=objective, cls_first=True)
+    for document, example in zip(documents, examples):
+      assert example["tokens"][0] == cls and example["bidirectional"][0] == 1
+      sample = np.concatenate([[cls], document])
+      if objective == "document":
+        document_variant(example, sample, first_kept=1)
+      else:
+        reference.check_glm_example(example, sample, sop_id=IDS.sop, eop_id=IDS.eop, mask_ids=MASKS)
+
+
+def test_block_mask_replaces_a_tenth_of_token_span_inputs(glm10b_vocabulary):
+  """--block-mask-prob 0.1 (make_block_data lines 195-198): span inputs of [MASK] blocks become
+  [dBLOCK] with probability 0.1; <sop> and the targets are untouched."""
+  dblock = glm10b_vocabulary.tokenizer.piece_to_id(objectives.DBLOCK)
+  documents = random_documents(300, seed=12)
+  plain = run_with(documents, glm10b_vocabulary, objective="token")
+  masked = run_with(documents, glm10b_vocabulary, objective="token", block_mask_prob=0.1)
+  hits = inputs = 0
+  for x, y in zip(plain, masked):
+    for k in objectives.FEATURES:
+      if k != "tokens":
+        np.testing.assert_array_equal(x[k], y[k])
+    span_input = (x["bidirectional"] == 0) & (x["block_positions"] > 1)
+    changed = x["tokens"] != y["tokens"]
+    assert not (changed & ~span_input).any()
+    assert (y["tokens"][changed] == dblock).all()
+    hits += int(changed.sum())
+    inputs += int(span_input.sum())
+  assert abs(hits / inputs - 0.1) < 4 * np.sqrt(0.09 / inputs), hits / inputs
+
+
+def test_short_seq_prob_splits_samples_into_glms_short_pieces():
+  """--short-seq-prob (split_samples, lines 283-310): t = randrange(32, L - 1),
+  (L - 1) // t pieces of the sample, each starting on a sentence start and at most t long."""
+  v = vocab.default_vocabulary()
+  documents = [d[:200] for d in real_documents()]  # one chunk each (room 222)
+  end_table = objectives.sentence_end_table(v)
+  examples = run(documents, blank("token", length=256, short_seq_prob=1.0))
+  assert len(examples) > len(documents)
+  room = objectives.max_document_tokens(256, ["token"])
+  for example in examples:
+    part_a, spans = reference.split_parts(example, IDS.sop)
+    piece = np.array(reference.fill_blanks(part_a, spans, MASKS, eop_id=IDS.eop))
+    source = next(d for d in documents if any(np.array_equal(d[i:i + len(piece)], piece)
+                                                for i in range(len(d) - len(piece) + 1)))
+    starts = [i for i in range(len(source) - len(piece) + 1)
+              if np.array_equal(source[i:i + len(piece)], piece)]
+    if len(piece) < len(source):  # t < n: a piece of at most t <= room - 2 tokens
+      assert any(i == 0 or end_table[source[i - 1]] for i in starts)
+      assert len(piece) <= room - 2
+
+
+def test_glm_10b_options_by_name(glm10b_vocabulary):
+  assert objectives.GLM_10B_OPTIONS == dict(
+      rates={"token": 0.5, "sentence": 0.3, "document": 0.2}, document_min_ratio=0.25,
+      gpt_infill_prob=0.5, block_mask_prob=0.1, short_seq_prob=0.02, cls_first=True)
+  documents = random_documents(100, seed=13)
+  examples = run_with(documents, glm10b_vocabulary, **objectives.GLM_10B_OPTIONS)
+  cls = glm10b_vocabulary.tokenizer.piece_to_id(objectives.CLS)
+  assert len(examples) >= len(documents) and all(e["tokens"][0] == cls for e in examples)
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"cls_first": True}, "cls_first needs a \\[CLS\\] piece"),
+    ({"block_mask_prob": 0.1}, "block_mask_prob needs a \\[dBLOCK\\] piece"),
+    ({"document_min_ratio": 1.0}, "document_min_ratio"),
+    ({"gpt_infill_prob": 1.5}, "gpt_infill_prob"),
+])
+def test_glm_10b_options_need_their_pieces_and_sane_values(kwargs, field):
+  ds = tf.data.Dataset.from_tensors({"targets": tf.constant([20, 21], tf.int32)})
+  with pytest.raises(ValueError, match=field):
+    objectives.blank_infilling(ds, sequence_length={"tokens": 64}, **kwargs)
