@@ -16,6 +16,7 @@ memory-mapped safetensors, one at a time; a damaged file is a ValueError naming 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -124,16 +125,16 @@ def leaf_groups(maps: list) -> list[list]:
   return list(groups.values())
 
 
-def iter_leaves(reader, config: ModelConfig, target: targets.Target):
-  """Yields (param path, numpy leaf) one group of leaves at a time (see `leaf_groups`), reading
-  each checkpoint tensor once, lazily: host memory holds one group's leaves (e.g. the stacked
-  wq / wk / wv of every layer) plus the tensor being re-laid, never the whole model.
-
-  Checks first what needs no data (every tensor present with the shape the config implies, no
-  unused tensor), then, per tensor, that a slot written twice agrees."""
+def _specs(config: ModelConfig) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
-  specs = {tuple(k.key for k in path): spec for path, spec in
-           jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_spec)[0]}
+  return {tuple(k.key for k in path): spec for path, spec in
+          jax.tree_util.tree_flatten_with_path(param_specs(config), is_leaf=is_spec)[0]}
+
+
+def check_tensors(reader, config: ModelConfig, target: targets.Target):
+  """What needs no tensor data: every tensor the table names is present with the shape the config
+  implies and no other tensor is stored; tensors that must be zeros are zeros. Returns (the
+  table, the stored copies of a tied output projection, to compare with the embedding)."""
   maps = target.tensors(config)
   for tmap in maps:
     if tmap.name not in reader:
@@ -152,9 +153,52 @@ def iter_leaves(reader, config: ModelConfig, target: targets.Target):
   if unexpected:
     raise targets.WeightMismatch(f"{reader.directory} has tensors the config does not use: "
                                  f"{unexpected[:8]}")
-  zero_only = [tmap for tmap in maps if not tmap.sources]
-  for tmap in zero_only:  # tensors that must be zeros (their check raises otherwise)
-    tmap.from_hf(reader.get(tmap.name))
+  for tmap in maps:
+    if not tmap.sources:  # a tensor that exists only as zeros: its from_hf raises otherwise
+      tmap.from_hf(reader.get(tmap.name))
+  return maps, tied_copies
+
+
+def iter_slices(reader, config: ModelConfig, target: targets.Target):
+  """Yields (param path, layer index or None, numpy slice): each checkpoint tensor read once,
+  re-laid and handed over before the next is read, so host memory holds one checkpoint tensor and
+  its slices, never a whole leaf (a writer that stores layer slices into the stacked leaves, e.g.
+  a tensorstore array, imports a model larger than host memory). A slot two tensors fill (a tied
+  head stored beside the embedding) must agree; the first is read again to compare."""
+  specs = _specs(config)
+  maps, tied_copies = check_tensors(reader, config, target)
+  dtype = np.dtype(_np_name(config.param_dtype))
+  writer = {}
+  for tmap in maps:
+    for path, value in tmap.from_hf(reader.get(tmap.name)).items():
+      slot = (path, tmap.layer)
+      if slot in writer:
+        if not np.array_equal(writer[slot].from_hf(reader.get(writer[slot].name))[path], value):
+          raise targets.WeightMismatch(f"{tmap.name} differs from {writer[slot].name}, which holds "
+                                       f"params[{'/'.join(path)}] too (the config says they are one "
+                                       "parameter)")
+        continue
+      writer[slot] = tmap
+      yield path, tmap.layer, np.asarray(value).astype(dtype, copy=False)
+  for name in tied_copies:
+    if not np.array_equal(reader.get(name), reader.get(writer[(("embed", "embedding"), None)].name)):
+      raise targets.WeightMismatch(f"{reader.directory} has tensors the config does not use: "
+                                   f"[{name!r}] (it differs from the tied embedding)")
+  for path, spec in specs.items():
+    layers = [None] if spec.axes[:1] != ("layers",) else range(config.num_layers)
+    if any((path, layer) not in writer for layer in layers):
+      raise AssertionError(f"params[{'/'.join(path)}] not fully written by the {target.name} table")
+
+
+def iter_leaves(reader, config: ModelConfig, target: targets.Target):
+  """Yields (param path, numpy leaf) one group of leaves at a time (see `leaf_groups`), reading
+  each checkpoint tensor once, lazily: host memory holds one group's leaves (e.g. the stacked
+  wq / wk / wv of every layer) plus the tensor being re-laid, never the whole model.
+
+  Checks first what needs no data (every tensor present with the shape the config implies, no
+  unused tensor), then, per tensor, that a slot written twice agrees."""
+  specs = _specs(config)
+  maps, tied_copies = check_tensors(reader, config, target)
   dtype = np.dtype(_np_name(config.param_dtype))
   seen = set()
   for group in leaf_groups(maps):
@@ -269,6 +313,37 @@ def _read(hf_dir: str, raw: dict, target: targets.Target, reader, use_stored_con
     config = _with_dtype(native_config(hf_dir, target), raw)
     params = assemble(reader, config, target)
   return params, config
+
+
+@contextlib.contextmanager
+def open_checkpoint(hf_dir: str, *, use_stored_config: bool = True):
+  """(reader, target, ModelConfig) of a folder, for `iter_slices` / `iter_leaves` (streaming
+  import); the ModelConfig is the one `from_huggingface` would return, without reading weights
+  beyond the checks of `check_tensors`. The reader is closed on exit."""
+  raw = read_config_json(hf_dir)
+  target = target_for(raw)
+  with torch_io.open_weights(hf_dir) as reader:
+    yield (reader,) + _plan(hf_dir, raw, target, reader, use_stored_config)
+
+
+def _plan(hf_dir: str, raw: dict, target: targets.Target, reader, use_stored_config: bool):
+  if isinstance(target, families.Family) and not (target.exportable and targets.CONFIG_KEY in raw
+                                                   and use_stored_config):
+    target, config = target.configure(raw, reader, _source(hf_dir, raw))
+    return target, dataclasses.replace(config, param_dtype=_family_dtype(raw, reader, target, config))
+  config = stored_config(raw) if use_stored_config or target is targets.REFERENCE else None
+  if config is not None and target is not targets.REFERENCE and stale_fields(config, target, raw):
+    config = None
+  if config is not None:
+    try:
+      check_tensors(reader, config, target)
+      return target, config
+    except targets.WeightMismatch:
+      if target is targets.REFERENCE:
+        raise
+  if isinstance(target, families.Family):
+    return _plan(hf_dir, raw, target, reader, use_stored_config=False)
+  return target, _with_dtype(native_config(hf_dir, target), raw)
 
 
 def _source(hf_dir: str, raw: dict) -> str:
