@@ -113,3 +113,31 @@ def test_unequal_feature_lengths_are_rejected():
   ds = tf.data.Dataset.from_tensors({k: tf.zeros([3], tf.int32) for k in objectives.FEATURES})
   with pytest.raises(ValueError, match="same length"):
     GLMFeatureConverter()(ds, lengths)
+
+
+def test_glm130b_layout_keeps_mask_spans_and_numbers_gmask_spans_consecutively():
+  """GLM-130B generate.py lines 42-44: arange, then `if not gmask: position_ids[context_length - 1:]
+  = mask_position`; one position stream (block positions 0), Part A still bidirectional."""
+  gmask, sop, eop = 5, 6, 7
+  mask_example = {"tokens": [20, 3, 21, sop, 30, 31], "targets": [0, 0, 0, 30, 31, eop],
+                  "loss_mask": [0, 0, 0, 1, 1, 1], "positions": [0, 1, 2, 1, 1, 1],
+                  "block_positions": [0, 0, 0, 1, 2, 3], "bidirectional": [1, 1, 1, 0, 0, 0]}
+  gmask_example = {"tokens": [20, 21, gmask, sop, 30, 31], "targets": [0, 0, 0, 30, 31, 32],
+                   "loss_mask": [0, 0, 0, 1, 1, 1], "positions": [0, 1, 2, 2, 2, 2],
+                   "block_positions": [0, 0, 0, 1, 2, 3], "bidirectional": [1, 1, 1, 0, 0, 0]}
+  examples = [{k: np.array(v, np.int32) for k, v in ex.items()} for ex in (mask_example, gmask_example)]
+  rows = convert(examples, length=16, prompt_layout="glm130b", gmask_id=gmask)
+  assert len(rows) == 1
+  got = segments(rows[0])
+  np.testing.assert_array_equal(got[1]["positions"], [0, 1, 2, 1, 1, 1])
+  np.testing.assert_array_equal(got[2]["positions"], [0, 1, 2, 3, 4, 5])
+  for segment in got.values():
+    np.testing.assert_array_equal(segment["block_positions"], 0)
+    np.testing.assert_array_equal(segment["bidirectional"], [1, 1, 1, 0, 0, 0])
+
+
+def test_glm130b_layout_needs_the_gmask_id():
+  with pytest.raises(ValueError, match="gmask_id"):
+    GLMFeatureConverter(prompt_layout="glm130b")
+  with pytest.raises(ValueError, match="prompt_layout='bert'"):
+    GLMFeatureConverter(prompt_layout="bert")
