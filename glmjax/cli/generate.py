@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from typing import Optional, Sequence
 
@@ -73,7 +74,7 @@ def options_from_args(args):
       num_beams=args.num_beams, length_penalty=args.length_penalty, seed=args.seed)
 
 
-def prompt_convention(args, model_config, data_config=None, gmask_id=None):
+def prompt_convention(args, model_config, data_config=None, vocabulary=None):
   """The prompt layout the model was trained with: the checkpoint's ModelConfig.prompt_layout
   (checked against explicit DataConfig flags), unless --prompt_layout / --causal_inputs /
   --positions_1d override it."""
@@ -81,19 +82,30 @@ def prompt_convention(args, model_config, data_config=None, gmask_id=None):
   from glmjax.model.config import LAYOUT_FLAGS, layout_from_flags  # pylint: disable=import-outside-toplevel
   from glmjax.trainer.data import resolve_prompt_layout  # pylint: disable=import-outside-toplevel
   layout = model_config.prompt_layout
-  if data_config is not None:
+  flags = args.causal_inputs is not None or args.positions_1d is not None
+  if getattr(args, "prompt_layout", None):
+    layout = args.prompt_layout
+  elif not flags and data_config is not None:
     try:
       layout = resolve_prompt_layout(data_config, model_config)
     except ValueError as e:
       raise common.BadInput(str(e)) from e
-  if getattr(args, "prompt_layout", None):
-    layout = args.prompt_layout
-  elif args.causal_inputs is not None or args.positions_1d is not None:
+  elif flags:
     bidirectional, one_stream = LAYOUT_FLAGS[layout]
     bidirectional = not args.causal_inputs if args.causal_inputs is not None else bidirectional
     one_stream = args.positions_1d if args.positions_1d is not None else (one_stream or not bidirectional)
     layout = layout_from_flags(bidirectional, one_stream)
-  return glm.Convention(layout, gmask_id=gmask_id)
+  if vocabulary is None:
+    return glm.Convention(layout)
+  model_config = dataclasses.replace(model_config, prompt_layout=layout)
+  return glm.Convention.of(model_config, vocabulary.special_ids, cls_id=_cls_id(vocabulary))
+
+
+def _cls_id(vocabulary):
+  """The vocabulary's [CLS] id (GLM-10B's tokenizer has one; the shipped vocabulary does not)."""
+  tokenizer = vocabulary.tokenizer
+  i = tokenizer.piece_to_id("[CLS]")
+  return None if tokenizer.id_to_piece(i) != "[CLS]" else int(i)
 
 
 def text_generator(args, prog: str = "glmjax generate"):
@@ -108,8 +120,7 @@ def text_generator(args, prog: str = "glmjax generate"):
   if vocabulary.vocab_size > loaded.config.vocab_size:
     raise common.BadInput(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
                           f"{loaded.config.vocab_size}; pass the --vocab the model was trained with")
-  convention = prompt_convention(args, loaded.config, loaded.experiment.data,
-                                 gmask_id=vocabulary.special_ids.gmask)
+  convention = prompt_convention(args, loaded.config, loaded.experiment.data, vocabulary)
   return loaded, TextGenerator(loaded.params, loaded.config, vocabulary, convention,
                                sharding_context=loaded.sharding_context,
                                batch_multiple=loaded.batch_multiple)

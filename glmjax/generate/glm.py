@@ -44,6 +44,11 @@ class Convention:
   "causal"). `gmask_id` tells a [gMASK] continuation from a [MASK] span under "glm130b"."""
   prompt_layout: str = "glm"
   gmask_id: Optional[int] = None
+  # The family's specials around a blank-filling / [gMASK] prompt (`prompt`): [CLS] first, and
+  # eos after the text unless it ends with one of `eos_unless_last` (`Convention.of`).
+  cls_id: Optional[int] = None
+  eos_id: Optional[int] = None
+  eos_unless_last: tuple = ()
 
   def __post_init__(self):
     if self.prompt_layout not in LAYOUT_FLAGS:
@@ -51,9 +56,31 @@ class Convention:
                        f"{tuple(LAYOUT_FLAGS)} (ModelConfig.prompt_layout)")
 
   @classmethod
-  def of(cls, config: ModelConfig, gmask_id: Optional[int] = None) -> "Convention":
-    """The convention of a model: its prompt_layout."""
-    return cls(config.prompt_layout, gmask_id)
+  def of(cls, config: ModelConfig, special_ids=None, cls_id: Optional[int] = None) -> "Convention":
+    """The convention of a model: its prompt_layout, and its family's prompt specials given the
+    vocabulary's `special_ids` (glmjax.tasks.vocab.SpecialIds) and [CLS] id (when it has one).
+
+    GLM-10B / GLM-Large (layout "glm", learned 2D positions): [CLS] first, eos appended unless
+    the text ends with [gMASK] (THUDM/GLM generate_samples.py `read_context`, lines 196-204).
+    GLM-130B: eos appended unless the text ends with a mask, no [CLS] (GLM-130B generate.py
+    `fill_blanks`, lines 72-76). ChatGLM-6B (its final tokenizer appends [gMASK] <sop> only)
+    and the causal families: none.
+    """
+    if special_ids is None:
+      return cls(config.prompt_layout)
+    ids = special_ids
+    if config.prompt_layout == "glm" and config.position == "learned_2d":
+      return cls("glm", ids.gmask, cls_id=cls_id, eos_id=ids.eos, eos_unless_last=(ids.gmask,))
+    if config.prompt_layout == "glm130b":
+      return cls("glm130b", ids.gmask, eos_id=ids.eos, eos_unless_last=(ids.mask, ids.smask, ids.gmask))
+    return cls(config.prompt_layout, ids.gmask)
+
+  def prompt(self, text: Sequence[int]) -> list[int]:
+    """`text` (token ids, masks included) with the family's specials: [CLS] first, eos last."""
+    out = ([self.cls_id] if self.cls_id is not None else []) + [int(t) for t in text]
+    if self.eos_id is not None and (not out or out[-1] not in self.eos_unless_last):
+      out.append(self.eos_id)
+    return out
 
   @property
   def bidirectional_inputs(self) -> bool:
@@ -216,10 +243,15 @@ def _fill_in_place(params, config, texts, mask_ids, sop_id, options, convention,
   GLM-130B `generate.py` `fill_blanks`: `mask_position = seq.index(mask_token)` on the
   current sequence, `input_seq = seq + [sop]`, and after generation
   `output[:mask_position] + output[bog + 1:unfinished] + output[mask_position + 1:bog]`
-  becomes the next sequence. Rows whose mask continues ([gMASK]) and rows whose mask is
+  becomes the next sequence (generate.py lines 94-148). Rows whose mask continues ([gMASK]) and rows whose mask is
   a span ([MASK]) step positions differently, so they are decoded in separate calls;
   each call keeps the batch size (other rows repeat one of its rows, their output unused).
   """
+  for b, text in enumerate(texts):
+    kinds = {int(t) for t in text if t in mask_ids}
+    if len(kinds) > 1:
+      raise ValueError(f"text {b} mixes mask kinds {sorted(kinds)}; GLM-130B fills one kind per text "
+                       "(generate.py lines 53-58), so give each text [MASK]s, [sMASK]s or [gMASK]s only")
   current = [list(t) for t in texts]
   results = [BlankFill(spans=[], finished=[]) for _ in texts]
   B = len(texts)

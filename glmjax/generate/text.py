@@ -2,7 +2,8 @@
 
 Modes (how a prompt string becomes a GLM example, as the tasks build them):
   blank  the prompt holds [MASK] / [sMASK] / [gMASK] blanks; each is filled,
-         the answer is the prompt with its blanks replaced
+         the answer is the prompt with its blanks replaced (the model family's
+         [CLS] / eos around the prompt: glm.Convention.of)
   gmask  Part A = prompt + [gMASK], generation in Part B (long generation,
          the Flan / instruction format of glmjax.tasks.formats)
   text   Part A empty, Part B = <sop> + prompt (the causal-LM task format)
@@ -64,11 +65,12 @@ class TextGenerator:
     if mode == "blank" and not any(t in self._mask_ids() for t in prompt_ids):
       raise ValueError("--mode blank needs a [MASK], [sMASK] or [gMASK] in the prompt; add one or "
                        "use --mode auto")
+    specials = len(self.convention.prompt(prompt_ids)) - len(prompt_ids)  # [CLS] / eos
     if mode == "blank":  # each blank: <sop> + up to max_new_tokens, after Part A
       blanks = sum(t in self._mask_ids() for t in prompt_ids)
-      needed = len(prompt_ids) + blanks * (1 + options.max_new_tokens)
+      needed = len(prompt_ids) + specials + blanks * (1 + options.max_new_tokens)
     else:  # [gMASK] + <sop>, or <sop>, before the new tokens
-      needed = len(prompt_ids) + {"gmask": 2, "text": 1}.get(mode, 0) + options.max_new_tokens
+      needed = len(prompt_ids) + {"gmask": 2 + specials, "text": 1}.get(mode, 0) + options.max_new_tokens
     if needed > self.config.max_length:
       raise ValueError(f"the prompt is {len(prompt_ids)} tokens and --max_new_tokens "
                        f"{options.max_new_tokens}: {needed} positions, more than this model's "
@@ -94,7 +96,8 @@ class TextGenerator:
         (ids.eop, ids.eos) + options.stop_ids)))
     with self.sharding_context():
       if mode == "blank":
-        fills = glm.fill_blanks(self.params, self.config, self.pad_batch(encoded),
+        prompts_ids = [self.convention.prompt(t) for t in encoded]
+        fills = glm.fill_blanks(self.params, self.config, self.pad_batch(prompts_ids),
                                 mask_ids=self._mask_ids(), sop_id=ids.sop, eop_id=ids.eop,
                                 options=options, convention=self.convention)
         outputs = [self.decode(f.filled(t, self._mask_ids())) for f, t in zip(fills[:n], encoded)]
@@ -103,8 +106,8 @@ class TextGenerator:
         outputs = [self.decode(s) for s in result.sequences()[:n]]
       else:
         if mode == "gmask":
-          part_as = [t + [ids.gmask] for t in encoded]
-          masks = [len(t) for t in encoded]
+          part_as = [self.convention.prompt(t + [ids.gmask]) for t in encoded]
+          masks = [len(a) - 1 - a[::-1].index(ids.gmask) for a in part_as]
           part_bs = [[ids.sop]] * n
         else:
           part_as, masks, part_bs = [[]] * n, [0] * n, [[ids.sop] + t for t in encoded]

@@ -93,3 +93,36 @@ def glm_fill_recompute(params, config, text, mask_ids, sop_id, eop_id, max_span,
     spans.append(span)
     span_logits.append(np.stack(rows))
   return spans, span_logits
+
+
+def glm130b_fill_recompute(params, config, text, mask_id, sop_id, eop_id, max_span, width, gmask=False):
+  """Greedy GLM-130B blank filling written from GLM-130B generate.py (`fill_blanks`,
+  `get_masks_and_position_ids`): while the text holds a mask, the input is text + <sop>, Part A
+  (the text) bidirectional, positions 0, 1, 2, ... and, unless `gmask`, every position from
+  <sop> on set to the mask's index; the generated span (without its stop token) replaces the
+  mask in the text. Returns (spans, per-span logits, final text)."""
+  text = list(text)
+  spans, span_logits = [], []
+  while mask_id in text:
+    m = text.index(mask_id)
+    a = len(text)
+    fields = {"tokens": text + [sop_id], "positions": list(range(a + 1)), "block_positions": [0] * (a + 1),
+              "bidirectional": [1] * a + [0]}
+    if not gmask:
+      fields["positions"][a:] = [m]
+    span, rows = [], []
+    for _ in range(max_span):
+      row = last_logits(params, config, fields, width)
+      token = int(np.argmax(row))
+      rows.append(row)
+      if token == eop_id:
+        break
+      span.append(token)
+      fields["tokens"].append(token)
+      fields["positions"].append(fields["positions"][-1] + (1 if gmask else 0))
+      fields["block_positions"].append(0)
+      fields["bidirectional"].append(0)
+    spans.append(span)
+    span_logits.append(np.stack(rows))
+    text = text[:m] + span + text[m + 1:]
+  return spans, span_logits, text

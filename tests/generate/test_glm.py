@@ -83,3 +83,88 @@ def test_blank_filling_with_causal_1d_convention():
     assert fill.spans == spans
     for got, want in zip(fill.logits, logits):
       np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+GLM130B = Convention("glm130b", gmask_id=GMASK)
+
+
+@pytest.mark.parametrize("mask_id", [MASK, GMASK])
+def test_glm130b_blank_filling_writes_each_span_back_like_generate_py(mask_id):
+  """GLM-130B fills the first mask of the text, writes the span in its place and only then
+  fills the next one, [MASK] spans at the mask's position, [gMASK] ones consecutive."""
+  config = presets.get("tiny-glm130b")
+  params = reference.lively_params(config, 3)
+  texts = [[t if t != MASK else mask_id for t in text] for text in TEXTS]
+  fills = fill_blanks(params, config, texts, mask_ids=(MASK, GMASK), sop_id=SOP, eop_id=EOP,
+                      options=GenerationOptions(max_new_tokens=MAX_SPAN), return_logits=True,
+                      convention=GLM130B)
+  width = max(map(len, texts)) * (MAX_SPAN + 1) + MAX_SPAN + 2
+  for text, fill in zip(texts, fills):
+    spans, logits, final = reference.glm130b_fill_recompute(params, config, text, mask_id, SOP, EOP,
+                                                            MAX_SPAN, width, gmask=mask_id == GMASK)
+    assert fill.spans == spans
+    assert fill.filled(text, (MASK, GMASK)) == final
+    for got, want in zip(fill.logits, logits):
+      np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_glm130b_filling_differs_from_keeping_part_a():
+  """The write-back changes what later spans see: GLM's append-to-cache fill differs."""
+  config = presets.get("tiny-glm130b")
+  params = reference.lively_params(config, 3)
+  kept = fill_blanks(params, config, TEXTS, mask_ids=(MASK,), sop_id=SOP, eop_id=EOP,
+                     options=GenerationOptions(max_new_tokens=MAX_SPAN), return_logits=True)
+  written = fill_blanks(params, config, TEXTS, mask_ids=(MASK,), sop_id=SOP, eop_id=EOP,
+                        options=GenerationOptions(max_new_tokens=MAX_SPAN), return_logits=True,
+                        convention=GLM130B)
+  assert not np.allclose(kept[0].logits[1], written[0].logits[1])
+
+
+def test_glm130b_refuses_texts_mixing_mask_kinds():
+  config = presets.get("tiny-glm130b")
+  with pytest.raises(ValueError, match="text 0 mixes mask kinds"):
+    fill_blanks(reference.lively_params(config, 0), config, [[20, MASK, 21, GMASK]], mask_ids=(MASK, GMASK),
+                sop_id=SOP, eop_id=EOP, convention=GLM130B)
+
+
+def test_family_prompt_specials():
+  """GLM generate_samples.py lines 196-204: [CLS] + text (+ [gMASK]) + eos unless it ends with
+  [gMASK]; GLM-130B generate.py lines 72-76: eos unless it ends with a mask, no [CLS];
+  ChatGLM-6B and causal families: none."""
+  from glmjax.tasks import vocab  # pylint: disable=import-outside-toplevel
+  ids = vocab.special_ids()
+  CLS = 99
+  glm = Convention.of(presets.get("glm-10b"), ids, cls_id=CLS)
+  assert glm.prompt([20, ids.mask, 21]) == [CLS, 20, ids.mask, 21, ids.eos]
+  assert glm.prompt([20, ids.mask]) == [CLS, 20, ids.mask, ids.eos]
+  assert glm.prompt([20, ids.gmask]) == [CLS, 20, ids.gmask]
+  glm130b = Convention.of(presets.get("glm-130b"), ids, cls_id=CLS)
+  assert glm130b.prompt([20, ids.mask, 21]) == [20, ids.mask, 21, ids.eos]
+  assert glm130b.prompt([20, ids.mask]) == [20, ids.mask]
+  assert glm130b.prompt([20, ids.smask]) == [20, ids.smask]
+  assert glm130b.prompt([20, ids.gmask]) == [20, ids.gmask]
+  for name in ("chatglm-6b", "chatglm2-6b", "llama2-7b"):
+    assert Convention.of(presets.get(name), ids, cls_id=CLS).prompt([20, ids.mask, 21]) == [20, ids.mask, 21]
+  assert Convention.of(presets.get("glm-large"), ids).prompt([20, ids.mask, 21]) == [20, ids.mask, 21, ids.eos]
+
+
+def test_text_generator_prompts_with_the_family_specials():
+  """`glmjax generate --mode blank` feeds the family's prompt (eos after a mid-text mask for GLM)
+  and answers with the user's text, its blanks filled."""
+  from glmjax.generate.text import TextGenerator  # pylint: disable=import-outside-toplevel
+  from glmjax.tasks import vocab  # pylint: disable=import-outside-toplevel
+  v = vocab.default_vocabulary()
+  ids = v.special_ids
+  config = presets.get("tiny-glm", vocab_size=v.vocab_size)
+  params = reference.lively_params(config, 1)
+  convention = Convention.of(config, ids)
+  generator = TextGenerator(params, config, v, convention)
+  prompt = "To be [MASK] to be"
+  options = GenerationOptions(max_new_tokens=3)
+  [answer] = generator.complete([prompt], options, mode="blank")
+  encoded = v.encode(prompt)
+  [fill] = fill_blanks(params, config, [convention.prompt(encoded)], mask_ids=(ids.mask, ids.smask, ids.gmask),
+                       sop_id=ids.sop, eop_id=ids.eop,
+                       options=GenerationOptions(max_new_tokens=3, stop_ids=(ids.eop, ids.eos)))
+  assert convention.prompt(encoded)[-1] == ids.eos
+  assert answer == v.decode(fill.filled(encoded, (ids.mask, ids.smask, ids.gmask)))
