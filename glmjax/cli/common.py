@@ -92,7 +92,7 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_checkpoint_params(args, prog: str):
-  """glmjax.workdir.load_params for --checkpoint / --step, reporting skipped steps on stderr."""
-  from glmjax import workdir  # pylint: disable=import-outside-toplevel
-  return workdir.load_params(args.checkpoint, args.step,
+  """glmjax.run.load.load_params for --checkpoint / --step, reporting skipped steps on stderr."""
+  from glmjax.run.load import load_params  # pylint: disable=import-outside-toplevel
+  return load_params(args.checkpoint, args.step,
                              log=lambda line: print(f"{prog}: {line}", file=sys.stderr))

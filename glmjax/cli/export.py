@@ -4,7 +4,7 @@
     glmjax export --checkpoint runs/demo --step 2000 --out exported/demo --dtype bfloat16
 
 Only the params are restored (no optimizer state), sharded over this machine's
-devices (glmjax.workdir.load_params), and written one layer of one tensor at a
+devices (glmjax.run.load.load_params), and written one layer of one tensor at a
 time, so the model is never gathered whole on the host. The folder is written
 under a temporary name and renamed when complete.
 """
@@ -18,7 +18,6 @@ from typing import Optional, Sequence
 
 from glmjax.cli import common
 
-TOKENIZER = "tokenizer"  # glmjax.workdir.TOKENIZER (not imported: keeps --help fast)
 TARGET_CHOICES = ("auto", "native", "llama", "glm", "chatglm", "cohere", "gpt_neox", "gpt2", "bloom",
                   "torch")
 EPILOG = """\
@@ -76,6 +75,7 @@ def resolve_tokenizer(choice: str, loaded):
     return None, "no tokenizer files (--tokenizer none)"
   if choice != "auto":
     return choice, f"tokenizer from {choice}"
+  from glmjax.run.directory import TOKENIZER  # pylint: disable=import-outside-toplevel
   stored = loaded.workdir.file(TOKENIZER)
   if os.path.isdir(stored):
     return stored, f"tokenizer from {stored}"

@@ -51,21 +51,21 @@ def tokenizer_files(source: str) -> list[str]:
 
 
 def _import(args) -> int:
-  from glmjax import workdir  # pylint: disable=import-outside-toplevel
+  from glmjax.run import directory, imported  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(args.source):
     raise common.BadInput(f"--from {args.source} is not a folder; give a HuggingFace checkpoint "
                           "folder (config.json + *.safetensors or pytorch_model.bin) or a "
                           "SwissArmyTransformer checkpoint folder")
-  workdir.check_new_run_folder(args.out)
+  directory.check_new_run_folder(args.out)
   from glmjax.export import importer  # pylint: disable=import-outside-toplevel
   dtype = None if args.param_dtype == "stored" else args.param_dtype
   params, config = importer.from_huggingface(args.source, param_dtype=dtype)
   tokenizers = tokenizer_files(args.source)
-  out = workdir.write_imported_run(params, config, args.out, importer.model_gin(config, args.source),
-                                   gin_files=args.gin_file, bindings=args.gin,
-                                   tokenizer_files=tokenizers, source=args.source)
-  model_gin = os.path.join(args.out, workdir.MODEL_GIN)
-  print(f"glmjax import: {args.source} -> {out} (step 0, {workdir.MODEL_GIN}"
+  out = imported.write_imported_run(params, config, args.out, importer.model_gin(config, args.source),
+                                    gin_files=args.gin_file, bindings=args.gin,
+                                    tokenizer_files=tokenizers, source=args.source)
+  model_gin = os.path.join(args.out, directory.MODEL_GIN)
+  print(f"glmjax import: {args.source} -> {out} (step 0, {directory.MODEL_GIN}"
         + (", tokenizer/" if tokenizers else "") + "); continue with: glmjax train --gin_file "
         f"<experiment> --gin_file {model_gin} --workdir {args.out}")
   return 0

@@ -101,7 +101,7 @@ def _train(argv: list) -> int:
     raise common.BadInput("--workdir is required: the folder for checkpoints and metrics, e.g. "
                           "--workdir runs/demo (an existing one resumes)")
   if args.workdir:
-    from glmjax.workdir import check_folder_argument  # pylint: disable=import-outside-toplevel
+    from glmjax.run.directory import check_folder_argument  # pylint: disable=import-outside-toplevel
     check_folder_argument(args.workdir, "--workdir")
   text = config_gin.operative_config()
   if args.print_config:

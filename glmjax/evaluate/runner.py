@@ -290,5 +290,5 @@ def format_table(results: dict) -> str:
 
 def write_json(results: dict, path: str) -> None:
   """Written under a temporary name and renamed: an earlier results file is never half-replaced."""
-  from glmjax.workdir import atomic_write_text  # pylint: disable=import-outside-toplevel
+  from glmjax.run.directory import atomic_write_text  # pylint: disable=import-outside-toplevel
   atomic_write_text(path, json.dumps(results, indent=1, ensure_ascii=False) + "\n")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import jax
 import numpy as np
 
-from glmjax import workdir as workdir_lib
+from glmjax.run import directory as workdir_lib
 from glmjax.model import ModelConfig
 from glmjax.model import batch as batch_lib
 from glmjax.sharding import DistributedConfig, MeshConfig
@@ -178,7 +178,7 @@ def _restore_newest(run_dir: workdir_lib.Workdir, program: TrainProgram, config:
       except ckpt.CheckpointMismatch:
         raise  # another model / optimizer config: refused, nothing moved
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax: many types)
-        set_aside[candidate] = f"is unreadable ({workdir_lib._first_line(e)})"  # pylint: disable=protected-access
+        set_aside[candidate] = f"is unreadable ({workdir_lib.first_line(e)})"
         continue
       found = (state, data_state, candidate)
       break

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from glmjax import workdir as workdir_lib
+from glmjax.run import load as workdir_lib
 from glmjax.generate import GenerationOptions, glm
 from glmjax.model import forward
 from tests.cli.conftest import run_cli

@@ -11,7 +11,7 @@ import transformers
 
 from glmjax import cli
 from glmjax.export import from_huggingface
-from glmjax.workdir import load_params as load_checkpoint
+from glmjax.run.load import load_params as load_checkpoint
 from tests.export import helpers
 
 MODULE = ["--module", "tests.export.tiny_task"]
