@@ -22,11 +22,15 @@ no remote code is run. References (the HF-hub files of THUDM's repositories):
     rotate_half, dim = hidden // (heads * 2)), GLMBlock (alpha = (2 * num_layers)^0.5:
     h = ln(x); x = h * alpha + attn(h); h = ln(x); out = h * alpha + mlp(h)), GELU =
     gelu_impl (tanh), untied lm_head.
-  glm-10b / glm-large: THUDM/glm-10b modeling_glm.py SelfAttention (query_key_value split in
-    three along the features: [q; k; v]), GLMBlock (pre-LayerNorm), GLMStack (position and
-    block-position tables of max_sequence_length + 1 rows when block_position_encoding),
-    GLMModel (logits = F.linear(output, word_embeddings.weight)), MLP (4h, transformers'
-    `gelu`, the exact erf GELU).
+  glm-10b / glm-large: THUDM's HF modeling_glm.py (THUDM/glm-large-chinese's, as forked in
+    sunzeyeah/RLHF src/resources/models/glm-350M-chinese/modeling_glm.py): `from
+    transformers.activations import gelu` (l.25, the exact erf GELU) in MLP (4h), SelfAttention
+    (query_key_value split in three along the features: [q; k; v]), GLMBlock (pre-LayerNorm),
+    GLMStack (position and block-position tables of max_sequence_length + 1 rows when
+    block_position_encoding), GLMModel (logits = F.linear(output, word_embeddings.weight));
+    config.json fields as that folder's config.json (architectures GLMModel, model_type glm).
+    The original GLM repo's mpu uses the tanh GELU; the HF port, which these checkpoints are
+    loaded with, the erf one.
   glm-130b: SwissArmyTransformer sat/model/official/glm130B_model.py RotaryEmbeddingMixin
     (query_key_value viewed as [np, 3 * hn], 1D rotary over the whole head, rotate_half),
     GEGLU (x1 * gelu(x2): the first half is the linear branch), DeepNormWithGLUMixin,

@@ -30,8 +30,10 @@ import os
 import re
 import shutil
 
+# The last one is ChatGLM-6B's SentencePiece model (ChatGLM2/3 name theirs tokenizer.model).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                      "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json")
+                      "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+                      "ice_text.model")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
 BPE = 2  # TrainerSpec.ModelType
 SPACE = "\u2581"

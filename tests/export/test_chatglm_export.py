@@ -14,7 +14,7 @@ from glmjax import cli
 from glmjax.export import from_huggingface, to_huggingface
 from glmjax.export.safetensors_io import SafetensorsReader
 from glmjax.model import presets
-from glmjax.workdir import load_params
+from glmjax.run.load import load_params
 from tests.export import glm_family, helpers
 from tests.export.test_chatglm import glm_for_causal_lm, torch_logits
 
@@ -73,10 +73,19 @@ def test_cli_import_then_export_chatglm_is_bit_exact(tmp_path):
   tensors, bit for bit, and the same architecture fields."""
   config, sd = glm_family.chatglm2(rope_ratio=50.0)
   source = glm_family.save_safetensors(tmp_path / "chatglm3", config, sd)
+  tokenizer = {"tokenizer.model": b"sentencepiece model bytes, copied as they are",
+               "tokenizer_config.json": b'{"tokenizer_class": "ChatGLMTokenizer"}'}
+  for name, data in tokenizer.items():
+    with open(os.path.join(source, name), "wb") as f:
+      f.write(data)
   run, out = str(tmp_path / "run"), str(tmp_path / "back")
   assert cli.main(["import", "--from", source, "--out", run, "--param_dtype", "stored"]) == 0
   assert load_params(run).config.prompt_layout == "causal"
   assert cli.main(["export", "--checkpoint", run, "--out", out, "--target", "chatglm"]) == 0
+  for name, data in tokenizer.items():  # the tokenizer comes along both ways
+    for folder in (os.path.join(run, "tokenizer"), out):
+      with open(os.path.join(folder, name), "rb") as f:
+        assert f.read() == data, (folder, name)
   hf, back = read_folder(out)
   expected = {k: v for k, v in sd.items() if not k.endswith("inv_freq")}
   assert set(back) == set(expected)
