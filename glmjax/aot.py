@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import time
 from typing import Optional, Sequence
@@ -100,6 +101,9 @@ def topology_devices(name: str, num_slices: int = 1, verbose: bool = False) -> l
   if not re.fullmatch(r"v[0-9][a-z]*:[0-9]+(x[0-9]+){1,2}", name or ""):
     raise ValueError(f"unknown TPU topology {name!r}; give GENERATION:CHIPS like v5e:2x2, v5e:4x4, "
                      "v5p:2x2x2, v4:2x2x2, v6e:2x2")
+  # Compiling touches no chip, so other processes holding libtpu's lock (/tmp/libtpu_lockfile)
+  # need not block this one.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   from glmjax.quiet import filtered_stderr  # pylint: disable=import-outside-toplevel
   try:
