@@ -96,6 +96,22 @@ def test_cli_import_then_export_chatglm_is_bit_exact(tmp_path):
     assert hf[key] == config[key], key
 
 
+def test_tied_model_exports_its_embedding_as_output_layer(tmp_path):
+  """ChatGLM always has transformer.output_layer: a tied glmjax model writes the embedding there;
+  with the stored config it comes back tied, without it as an untied copy."""
+  config = presets.get("tiny-chatglm2", tie_embeddings=True)
+  params = helpers.perturbed_params(config)
+  out = str(tmp_path / "hf")
+  to_huggingface(params, config, out, target="chatglm")
+  _, sd = read_folder(out)
+  assert np.array_equal(sd["transformer.output_layer.weight"], params["embed"]["embedding"])
+  back, back_config = from_huggingface(out)
+  assert back_config == config and helpers.leaves_equal(back, jax.tree_util.tree_map(np.asarray, params))
+  plain, plain_config = from_huggingface(out, use_stored_config=False)
+  assert not plain_config.tie_embeddings
+  assert np.array_equal(plain["lm_head"]["kernel"], params["embed"]["embedding"].T)
+
+
 def test_export_chatglm_names_the_blocking_fields(tmp_path):
   with pytest.raises(ValueError, match=r"ModelConfig.rotary_fraction=1.0.*half of each head"):
     to_huggingface(helpers.perturbed_params(presets.get("tiny-llama")), presets.get("tiny-llama"),

@@ -111,3 +111,23 @@ def test_cli_exit_2_on_bad_family_checkpoint(tmp_path, capsys):
   folder = glm_family.save_safetensors(tmp_path / "c", config, sd)
   assert cli.main(["import", "--from", folder, "--out", str(tmp_path / "run")]) == 2
   assert "field 'seq_length' is missing" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["chatglm6b", "glm_block", "glm130b_sat"])
+def test_cli_imports_each_family_into_a_run_directory(family, tmp_path):
+  """`glmjax import --from FOLDER --out RUN`: exit 0, and RUN/model.gin names the family's layout."""
+  if family == "chatglm6b":
+    folder = glm_family.save_bin(tmp_path / "src", *glm_family.chatglm6b())
+    with open(os.path.join(folder, "ice_text.model"), "wb") as f:
+      f.write(b"ChatGLM-6B's SentencePiece model")
+    layout = "glm"
+  elif family == "glm_block":
+    folder, layout = glm_family.save_bin(tmp_path / "src", *glm_family.glm_block()), "glm"
+  else:
+    folder, layout = glm_family.save_sat(tmp_path / "src", *glm_family.glm130b(), tp=4), "glm130b"
+  run = str(tmp_path / "run")
+  assert cli.main(["import", "--from", folder, "--out", run]) == 0
+  with open(os.path.join(run, "model.gin")) as f:
+    assert f"ModelConfig.prompt_layout = '{layout}'" in f.read()
+  if family == "chatglm6b":
+    assert os.path.exists(os.path.join(run, "tokenizer", "ice_text.model"))
