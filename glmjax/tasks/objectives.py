@@ -199,41 +199,41 @@ def document_length(n, seed, *, min_ratio=DOCUMENT_MIN_RATIO):
   return tf.minimum(length, n)
 
 
-def document_example(tokens, seed, *, gmask_id, sop_id, eop_id, eos_id, min_ratio=DOCUMENT_MIN_RATIO,
-                     infill_prob=GPT_INFILL_PROB, first_kept=0):
-  """The [gMASK] example of GLM's 'gpt' branch (blocklm_utils.py lines 403-440).
+def document_span(tokens, seed, *, eos_id, min_ratio=DOCUMENT_MIN_RATIO, infill_prob=GPT_INFILL_PROB,
+                  first_kept=0):
+  """The [gMASK] span of GLM's 'gpt' branch (blocklm_utils.py lines 403-440): (starts [1],
+  lengths [1], suffix).
 
-  Suffix variant (several documents in the sample, i.e. an eos before the last
-  token, or with probability `infill_prob`, lines 408-432): Part A = the first n - L
-  tokens + [gMASK], Part B = <sop> + suffix[:-1] with targets the suffix (no <eop>),
-  at the mask's position, block positions 1..L. Otherwise one span of L tokens at a
-  random offset in tokens[first_kept : n - 1] (`sample_span_in_document`: a leading
-  [CLS] and the last token are never masked, lines 119-129) with <eop>.
-  `first_kept` is 1 when the sample starts with [CLS].
+  `suffix` (several documents in the sample, i.e. an eos before the last token, or with
+  probability `infill_prob`, lines 408-410): the span is the last L tokens and the example is
+  `suffix_example`'s. Otherwise the span sits at a random offset in tokens[first_kept : n - 1]
+  (`sample_span_in_document`: a leading [CLS] and the last token are never masked, lines
+  119-129) and is an ordinary block with <eop>. `first_kept` is 1 when the sample starts
+  with [CLS].
   """
   tokens = tf.cast(tokens, tf.int32)
   n = tf.size(tokens)
-  length_seed, variant_seed, place_seed, shuffle_seed = split_seeds(seed, 4)
+  length_seed, variant_seed, place_seed = split_seeds(seed, 3)
   length = document_length(n, length_seed, min_ratio=min_ratio)
   several_documents = tf.reduce_any(tf.equal(tokens[:-1], eos_id))
   room = n - 1 - first_kept - length
   suffix = (several_documents | (tf.random.stateless_uniform([], variant_seed) < infill_prob)
             | (room < 0))
+  offset = first_kept + tf.random.stateless_uniform([], place_seed, minval=0, maxval=tf.maximum(room, 0) + 1,
+                                                    dtype=tf.int32)
+  start = tf.where(suffix, n - length, offset)
+  return tf.reshape(start, [1]), tf.reshape(length, [1]), suffix
 
-  def as_suffix():
-    division = n - length
-    part_a = tf.concat([tokens[:division], [gmask_id]], 0)
-    target = tokens[division:]
-    return assemble_example(part_a, tf.concat([[sop_id], target[:-1]], 0), target,
-                            tf.fill([length], division), tf.range(1, length + 1))
 
-  def at_random_offset():
-    start = first_kept + tf.random.stateless_uniform([], place_seed, minval=0, maxval=tf.maximum(room, 0) + 1,
-                                                     dtype=tf.int32)
-    return build_blank_infilling_example(tokens, tf.reshape(start, [1]), tf.reshape(length, [1]), gmask_id,
-                                         shuffle_seed, sop_id=sop_id, eop_id=eop_id)
-
-  return tf.cond(suffix, as_suffix, at_random_offset)
+def suffix_example(tokens, length, *, gmask_id, sop_id):
+  """GLM's [gMASK] suffix example (blocklm_utils.py lines 411-432): Part A = the first n - L
+  tokens + [gMASK], Part B = <sop> + suffix[:-1] with targets the suffix (no <eop>), at the
+  mask's position, block positions 1..L."""
+  tokens = tf.cast(tokens, tf.int32)
+  division = tf.size(tokens) - length
+  target = tokens[division:]
+  return assemble_example(tf.concat([tokens[:division], [gmask_id]], 0), tf.concat([[sop_id], target[:-1]], 0),
+                          target, tf.fill([length], division), tf.range(1, length + 1))
 
 
 # ------------------------------------------------------------------ example builders
@@ -470,38 +470,46 @@ def blank_infilling(dataset: tf.data.Dataset,
   mask_ids = {"token": ids.mask, "sentence": ids.smask, "document": ids.gmask}
   first = int(cls_first)
 
-  def example_for(name, tokens, seed, max_spans):
-    """`tokens` is the sample ([CLS] first with cls_first); spans never cover the [CLS]."""
-    span_seed, shuffle_seed, mask_seed = split_seeds(seed, 3)
+  def spans_for(name, tokens, seed, max_spans):
+    """(starts, lengths, mask id, suffix, is_token) of `tokens` (the sample, [CLS] first with
+    cls_first); spans never cover the [CLS]. No tf.cond in here: tf.data cannot checkpoint an
+    iterator whose switch_case branches hold one ("Case is stateful")."""
     if name == "document":
-      return document_example(tokens, span_seed, gmask_id=ids.gmask, sop_id=ids.sop, eop_id=ids.eop,
-                              eos_id=ids.eos, min_ratio=document_min_ratio, infill_prob=gpt_infill_prob,
-                              first_kept=first)
+      starts, lengths, suffix = document_span(tokens, seed, eos_id=ids.eos, min_ratio=document_min_ratio,
+                                              infill_prob=gpt_infill_prob, first_kept=first)
+      return starts, lengths, tf.constant(ids.gmask, tf.int32), suffix, tf.constant(False)
     body = tokens[first:]
     if name == "token":
-      starts, lengths = token_spans(tf.size(body), span_seed, max_spans=max_spans, mask_ratio=mask_ratio,
+      starts, lengths = token_spans(tf.size(body), seed, max_spans=max_spans, mask_ratio=mask_ratio,
                                     poisson_lambda=poisson_lambda, max_span_length=max_span_length)
     else:
-      starts, lengths = sentence_spans(body, span_seed, end_table=end_table, max_spans=max_spans,
+      starts, lengths = sentence_spans(body, seed, end_table=end_table, max_spans=max_spans,
                                        mask_ratio=mask_ratio)
-    example = build_blank_infilling_example(tokens, starts + first, lengths, mask_ids[name], shuffle_seed,
-                                            sop_id=ids.sop, eop_id=ids.eop, shuffle_spans=shuffle_spans)
-    if name == "token" and dblock_id is not None:  # GLM: task == 'bert' only
-      example = block_mask(example, mask_seed, dblock_id=dblock_id, prob=block_mask_prob)
-    return example
+    return (starts + first, lengths, tf.constant(mask_ids[name], tf.int32), tf.constant(False),
+            tf.constant(name == "token"))
 
   @seqio.map_over_dataset(num_seeds=1)
   def make_example(tokens, seed):
-    choice_seed, span_seed = split_seeds(seed, 2)
+    choice_seed, span_seed, shuffle_seed, mask_seed = split_seeds(seed, 4)
+    tokens = tf.cast(tokens, tf.int32)
     if cls_id is not None:
-      tokens = tf.concat([[cls_id], tf.cast(tokens, tf.int32)], 0)
+      tokens = tf.concat([[cls_id], tokens], 0)
     n = tf.size(tokens)
     max_spans = n if max_length is None else (max_length - n) // 2
     if len(names) == 1:
-      return example_for(names[0], tokens, span_seed, max_spans)
-    branch = tf.random.stateless_categorical(log_rates, 1, choice_seed, dtype=tf.int32)[0, 0]
-    return tf.switch_case(
-        branch, [functools.partial(example_for, name, tokens, span_seed, max_spans) for name in names])
+      starts, lengths, mask_id, suffix, is_token = spans_for(names[0], tokens, span_seed, max_spans)
+    else:
+      branch = tf.random.stateless_categorical(log_rates, 1, choice_seed, dtype=tf.int32)[0, 0]
+      starts, lengths, mask_id, suffix, is_token = tf.switch_case(
+          branch, [functools.partial(spans_for, name, tokens, span_seed, max_spans) for name in names])
+    example = tf.cond(
+        suffix, lambda: suffix_example(tokens, lengths[0], gmask_id=ids.gmask, sop_id=ids.sop),
+        lambda: build_blank_infilling_example(tokens, starts, lengths, mask_id, shuffle_seed, sop_id=ids.sop,
+                                              eop_id=ids.eop, shuffle_spans=shuffle_spans))
+    if dblock_id is not None:  # GLM: [MASK] blocks only (task == 'bert')
+      example = block_mask(example, mask_seed, dblock_id=dblock_id,
+                           prob=tf.where(is_token, block_mask_prob, 0.0))
+    return example
 
   chunked = chunk_documents(dataset, max_document_tokens(max_length, names, cls_first), key=input_key)
   if short_seq_prob > 0:
