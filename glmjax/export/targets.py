@@ -29,6 +29,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from glmjax.model import rope_scaling
 from glmjax.model.config import FFN_KINDS, ModelConfig
 
 Path = tuple
@@ -250,19 +251,28 @@ class Blockers:
       value = getattr(self.c, field) if hasattr(self.c, field) else None
       self.items.append(f"ModelConfig.{field}={value!r}: {why}")
 
-  def common(self):
-    """Nothing in transformers routes tokens to experts with glmjax's capacity rule."""
+  def common(self, rope_scaling: bool = False):
+    """Nothing in transformers routes tokens to experts with glmjax's capacity rule; RoPE scaling
+    only where the target writes it (`rope_scaling`: LLaMA, GLM-4)."""
     c = self.c
+    self.require(rope_scaling or c.rope_scaling == "none", "rope_scaling",
+                 f"the {self.architecture} export writes plain RoPE only")
     self.require(c.num_experts == 0, "num_experts",
                  f"{self.architecture} has no mixture-of-experts layers with capacity-limited top-k routing")
     self.require(not c.lm_head_bias, "lm_head_bias", f"{self.architecture} has no lm-head bias")
 
 
-def rope_parameters(hf) -> tuple[float, float]:
-  """(theta, partial_rotary_factor) of a transformers config; only plain RoPE is exact here."""
+def rope_scaling_fields(hf) -> dict:
+  """ModelConfig rope-scaling fields of a transformers config (glmjax.model.rope_scaling.from_hf)."""
+  return rope_scaling.from_hf(dict(getattr(hf, "rope_parameters", None) or {}))
+
+
+def rope_parameters(hf, scaled: bool = False) -> tuple[float, float]:
+  """(theta, partial_rotary_factor) of a transformers config; only plain RoPE is exact here
+  unless `scaled` (the caller reads the scaling with rope_scaling_fields)."""
   params = dict(getattr(hf, "rope_parameters", None) or {})
   rope_type = params.get("rope_type", "default")
-  if rope_type != "default":
+  if rope_type != "default" and not scaled:
     raise ValueError(f"config.json rope_parameters.rope_type={rope_type!r}: glmjax implements plain RoPE "
                      "only; RoPE scaling (linear, dynamic, yarn, llama3) would change the logits")
   theta = params.get("rope_theta", getattr(hf, "rope_theta", 10000.0))
@@ -272,10 +282,10 @@ def rope_parameters(hf) -> tuple[float, float]:
 
 def _rope_json(config: ModelConfig, with_fraction: bool, legacy_fraction_key: str = "") -> dict:
   """transformers 5 `rope_parameters`, plus the top-level keys transformers 4 read instead."""
-  params = {"rope_type": "default", "rope_theta": float(config.rope_theta)}
+  params = rope_scaling.to_hf(config)
   if with_fraction:
     params["partial_rotary_factor"] = float(config.rotary_fraction)
-  out = {"rope_parameters": params, "rope_theta": float(config.rope_theta)}
+  out = {"rope_parameters": params, "rope_theta": params["rope_theta"]}
   if legacy_fraction_key:
     out[legacy_fraction_key] = float(config.rotary_fraction)
   return out
@@ -306,7 +316,7 @@ class Llama(Target):
 
   def blockers(self, c):
     b = Blockers(c, self.architecture)
-    b.common()
+    b.common(rope_scaling=True)
     b.require(c.norm == "rmsnorm", "norm", "LLaMA uses RMSNorm")
     b.require(c.norm_placement == "pre", "norm_placement", "LLaMA is pre-norm")
     b.require(not c.parallel_block, "parallel_block", "LLaMA blocks are sequential")
@@ -346,7 +356,7 @@ class Llama(Target):
     return maps + t.lm_head()
 
   def model_config(self, hf):
-    theta, fraction = rope_parameters(hf)
+    theta, fraction = rope_parameters(hf, scaled=True)
     if fraction != 1.0:
       raise ValueError(f"{self.architecture} config has partial_rotary_factor={fraction}, which "
                        "LlamaForCausalLM ignores; refusing an ambiguous checkpoint")
@@ -359,7 +369,8 @@ class Llama(Target):
         norm="rmsnorm", norm_placement="pre", norm_eps=hf.rms_norm_eps, ffn=ffn_name(act, True),
         qkv_bias=hf.attention_bias, attn_out_bias=hf.attention_bias, mlp_bias=hf.mlp_bias,
         position="rope", rope_theta=theta, rope_layout=self.layout,
-        tie_embeddings=hf.tie_word_embeddings)
+        tie_embeddings=hf.tie_word_embeddings,
+        **rope_scaling_fields(hf))
 
 
 class Glm(Target):
@@ -370,7 +381,7 @@ class Glm(Target):
 
   def blockers(self, c):
     b = Blockers(c, self.architecture)
-    b.common()
+    b.common(rope_scaling=True)
     b.require(c.norm == "rmsnorm", "norm", "GLM-4 uses RMSNorm")
     b.require(c.norm_placement in ("pre", "sandwich"), "norm_placement",
               "GlmForCausalLM is pre-norm and Glm4ForCausalLM sandwich-norm")
@@ -423,7 +434,7 @@ class Glm(Target):
     return maps + t.lm_head()
 
   def model_config(self, hf):
-    theta, fraction = rope_parameters(hf)
+    theta, fraction = rope_parameters(hf, scaled=True)
     act = hf_activation(hf.hidden_act, "hidden_act")
     sandwich = getattr(hf, "model_type", "glm") == "glm4"
     return ModelConfig(
@@ -433,7 +444,8 @@ class Glm(Target):
         ffn_dim=hf.intermediate_size, max_length=hf.max_position_embeddings,
         norm="rmsnorm", norm_placement="sandwich" if sandwich else "pre", norm_eps=hf.rms_norm_eps,
         ffn=ffn_name(act, True), qkv_bias=hf.attention_bias, position="rope", rope_theta=theta,
-        rotary_fraction=fraction, rope_layout=self.layout, tie_embeddings=hf.tie_word_embeddings)
+        rotary_fraction=fraction, rope_layout=self.layout, tie_embeddings=hf.tie_word_embeddings,
+        **rope_scaling_fields(hf))
 
 
 class Cohere(Target):

@@ -113,6 +113,17 @@ class ModelConfig:
   rope_theta: float = 10000.0
   rotary_fraction: float = 1.0  # ChatGLM2 rotates the first half of each head.
   rope_layout: str = "rotate_half"  # LLaMA; ChatGLM2/GLM-4 use "interleaved".
+  # Long-context RoPE scaling (glmjax.model.rope_scaling): "none" | "linear" | "ntk" | "yarn" |
+  # "llama3", its factor s, the pretraining length (yarn, llama3) and each method's knobs.
+  # ChatGLM's rope_ratio is rope_theta = 10000 x ratio.
+  rope_scaling: str = "none"
+  rope_scaling_factor: float = 1.0
+  rope_original_length: int = 0
+  rope_beta_fast: float = 32.0  # YaRN
+  rope_beta_slow: float = 1.0  # YaRN
+  rope_attention_factor: float = 0.0  # YaRN cos/sin factor; 0: 0.1 ln s + 1
+  rope_low_freq_factor: float = 1.0  # Llama 3
+  rope_high_freq_factor: float = 4.0  # Llama 3
 
   # Block structure.
   parallel_block: bool = False  # PaLM / GPT-J: attention and MLP on the same normed input.
@@ -223,6 +234,8 @@ def validate(config: ModelConfig) -> None:
     _require(config.rotary_dim % 2 == 0 and config.rotary_dim > 0, field,
              f"rotary dim {config.rotary_dim} (head_dim={config.head_dim} x rotary_fraction="
              f"{config.rotary_fraction}) must be a positive even number")
+  from glmjax.model import rope_scaling  # pylint: disable=import-outside-toplevel
+  rope_scaling.validate(config, _require)
   if config.position == "sinusoidal":
     _require(config.d_model % 2 == 0, "d_model", "sinusoidal positions need an even d_model")
   if config.num_experts:

@@ -68,15 +68,18 @@ def rope_angles(positions_BL, rotary_dim: int, theta: float):
   return positions_BL.astype(F32)[..., None] * bcast(rope_inv_freq(rotary_dim, theta), positions_BL.ndim + 1)
 
 
-def apply_rope(x_BLHD, angles_BLR, layout: str):
+def apply_rope(x_BLHD, angles_BLR, layout: str, mscale: float = 1.0):
   """Rotates the first 2R dims of each head by `angles`; the rest pass through.
 
   layout "rotate_half" pairs dim i with i + R (LLaMA / GPT-NeoX);
   "interleaved" pairs dims 2i and 2i+1 (ChatGLM2 / GLM-4, the RoFormer paper).
+  `mscale` multiplies cos and sin (YaRN's attention factor, glmjax.model.rope_scaling).
   """
   rot = 2 * angles_BLR.shape[-1]
   sin = jnp.sin(angles_BLR)[:, :, None, :]
   cos = jnp.cos(angles_BLR)[:, :, None, :]
+  if mscale != 1.0:
+    sin, cos = sin * mscale, cos * mscale
   x_rot = x_BLHD[..., :rot].astype(F32)
   if layout == "rotate_half":
     x1, x2 = x_rot[..., : rot // 2], x_rot[..., rot // 2:]
@@ -89,12 +92,12 @@ def apply_rope(x_BLHD, angles_BLR, layout: str):
   return jnp.concatenate([out.astype(x_BLHD.dtype), x_BLHD[..., rot:]], axis=-1)
 
 
-def apply_rope_2d(x_BLHD, angles_pos, angles_block):
+def apply_rope_2d(x_BLHD, angles_pos, angles_block, mscale: float = 1.0):
   """ChatGLM-6B 2D RoPE: first half of each head rotated by `positions`,
   second half by `block_positions`, each half in rotate_half layout."""
   half = x_BLHD.shape[-1] // 2
-  return jnp.concatenate([apply_rope(x_BLHD[..., :half], angles_pos, "rotate_half"),
-                          apply_rope(x_BLHD[..., half:], angles_block, "rotate_half")], axis=-1)
+  return jnp.concatenate([apply_rope(x_BLHD[..., :half], angles_pos, "rotate_half", mscale),
+                          apply_rope(x_BLHD[..., half:], angles_block, "rotate_half", mscale)], axis=-1)
 
 
 def sinusoidal_embedding(positions_BL, d_model: int):

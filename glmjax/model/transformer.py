@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from glmjax import pallas
 from glmjax.model import batch as batch_lib
 from glmjax.model import layers
+from glmjax.model import rope_scaling
 from glmjax.model.config import ModelConfig
 from glmjax.model.constraints import constrain
 
@@ -70,10 +71,10 @@ def default_fields(batch: dict) -> dict:
 def position_context(batch: dict, config: ModelConfig) -> PositionContext:
   rope = block = slopes = None
   if config.position == "rope":
-    rope = layers.rope_angles(batch["positions"], config.rotary_dim, config.rope_theta)
+    rope = rope_scaling.rope_angles(batch["positions"], config)
   elif config.position == "rope_2d":
-    rope = layers.rope_angles(batch["positions"], config.rotary_dim, config.rope_theta)
-    block = layers.rope_angles(batch["block_positions"], config.rotary_dim, config.rope_theta)
+    rope = rope_scaling.rope_angles(batch["positions"], config)
+    block = rope_scaling.rope_angles(batch["block_positions"], config)
   elif config.position == "alibi":
     slopes = layers.alibi_slopes(config.num_heads)
   return PositionContext(segment_ids=batch["segment_ids"], bidirectional=batch["bidirectional"],
@@ -120,12 +121,13 @@ def project_qkv(p: dict, x_BLD, config: ModelConfig):
 
 def encode_positions(q, k, ctx: PositionContext, config: ModelConfig):
   """Applies RoPE / 2D RoPE to q and k; other schemes leave them unchanged."""
+  mscale = rope_scaling.attention_factor(config)
   if config.position == "rope":
-    return (layers.apply_rope(q, ctx.rope_angles, config.rope_layout),
-            layers.apply_rope(k, ctx.rope_angles, config.rope_layout))
+    return (layers.apply_rope(q, ctx.rope_angles, config.rope_layout, mscale),
+            layers.apply_rope(k, ctx.rope_angles, config.rope_layout, mscale))
   if config.position == "rope_2d":
-    return (layers.apply_rope_2d(q, ctx.rope_angles, ctx.rope_block_angles),
-            layers.apply_rope_2d(k, ctx.rope_angles, ctx.rope_block_angles))
+    return (layers.apply_rope_2d(q, ctx.rope_angles, ctx.rope_block_angles, mscale),
+            layers.apply_rope_2d(k, ctx.rope_angles, ctx.rope_block_angles, mscale))
   return q, k
 
 
