@@ -132,6 +132,14 @@ _SHAPE = re.compile(r"\b([a-z]+[0-9]*(?:e[0-9]m[0-9][a-z]*)?)\[([0-9,]*)\]")
 _COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(" + "|".join(COLLECTIVE_KINDS)
                     + r")(-start)?\(")
+# Across slices XLA emits each collective as a send to the megascale (DCN) runtime, e.g.
+# send(...), is_host_transfer=true, frontend_attributes={..._xla_megascale_transfer_type="ALL_REDUCE"}
+_MEGASCALE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\ssend\(.*"
+                        r"_xla_megascale_transfer_type=\"([A-Z_]+)\"")
+# Bytes a ring algorithm moves per device, as a multiple of the result's bytes, for group size n.
+_WIRE = {"all-reduce": lambda n: 2.0 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
+         "all-to-all": lambda n: (n - 1) / n, "reduce-scatter": lambda n: float(n - 1),
+         "collective-permute": lambda n: 1.0, "other-dcn": lambda n: 1.0}
 _CALLS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|called_computations)="
                     r"(\{[^}]*\}|%?[\w.\-]+)")
 
@@ -254,6 +262,12 @@ def parse_collectives(hlo: str, slice_of: Sequence[int], num_devices: int) -> di
     for line in lines:
       m = _INSTR.match(line)
       if not m:
+        dcn = _MEGASCALE.match(line)
+        if dcn:  # a cross-slice collective: a host-transfer send to the megascale runtime
+          kind = dcn.group(2).lower().replace("_", "-")
+          first = _SHAPE.search(dcn.group(1))
+          nbytes = shape_bytes(first.group(0)) if first else 0
+          seen[("dcn", comp, line)] = dict(kind=kind, bytes=nbytes, times=times, groups=None)
         continue
       shape_text, kind, start = m.group(1), m.group(2), m.group(3)
       if start and shape_text.startswith("("):  # (operands..., outputs...): keep the outputs
@@ -268,11 +282,15 @@ def parse_collectives(hlo: str, slice_of: Sequence[int], num_devices: int) -> di
   out = {}
   for entry in seen.values():
     kind, nbytes, times, groups = entry["kind"], entry["bytes"], entry["times"], entry["groups"]
-    slices = np.asarray(slice_of)[np.clip(groups, 0, len(slice_of) - 1)]
-    dcn = bool(np.any(slices != slices[:, :1]))
-    n = groups.shape[1]
-    wire = {"all-reduce": 2.0 * (n - 1) / n, "all-gather": (n - 1) / n, "all-to-all": (n - 1) / n,
-            "reduce-scatter": float(n - 1), "collective-permute": 1.0}[kind] * nbytes * times
+    if groups is None:  # megascale transfer: across all slices
+      dcn, n = True, max(len(set(slice_of)), 2)
+    else:
+      slices = np.asarray(slice_of)[np.clip(groups, 0, len(slice_of) - 1)]
+      dcn = bool(np.any(slices != slices[:, :1]))
+      n = groups.shape[1]
+    if kind not in _WIRE:
+      kind = "other-dcn"
+    wire = _WIRE[kind](n) * nbytes * times
     row = out.setdefault(kind, {"count": 0, "bytes": 0, "ici_bytes": 0, "dcn_bytes": 0,
                                 "wire_bytes_ici": 0.0, "wire_bytes_dcn": 0.0})
     row["count"] += times

@@ -5,6 +5,13 @@
 `data` replicates params and splits the batch; `fsdp` splits the batch and
 shards params/optimizer state along `embed` (ZeRO-3 style); `tensor` shards
 heads / mlp / vocab (Megatron style); `expert` shards MoE experts.
+
+Multi-slice pods (devices with several `slice_index` values, joined by the
+data-centre network): `dcn_data` and `dcn_fsdp` say how many slices the
+`data` / `fsdp` axes span (MaxText's dcn_*_parallelism); the axis sizes stay
+global, so `data=4, dcn_data=2` is 2 slices x 2-way data parallel inside each.
+By default `data` spans all slices: only its gradient all-reduce crosses DCN,
+once a step, while fsdp gathers and tensor traffic stay on ICI.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ class MeshConfig:
   tensor: int = 1
   expert: int = 1
   rules: tuple = DEFAULT_RULES
+  dcn_data: int = -1  # slices the data axis spans (-1: all slices the fsdp axis leaves)
+  dcn_fsdp: int = 1  # slices the fsdp axis spans
 
   def axis_sizes(self) -> dict:
     return {name: getattr(self, name) for name in MESH_AXES}
@@ -70,11 +79,46 @@ def resolve_axis_sizes(config: MeshConfig, num_devices: int) -> dict:
   return sizes
 
 
+def num_slices(devices: Sequence) -> int:
+  return len({int(getattr(d, "slice_index", 0) or 0) for d in devices})
+
+
+def resolve_dcn_sizes(config: MeshConfig, sizes: dict, slices: int) -> dict:
+  """Slices each mesh axis spans (the DCN part of its size); ValueError naming the field."""
+  for name in ("dcn_data", "dcn_fsdp"):
+    value = getattr(config, name)
+    if not isinstance(value, int) or (value < 1 and value != -1):
+      raise ValueError(f"MeshConfig.{name}={value!r} must be a positive int or -1")
+  if config.dcn_fsdp == -1:
+    raise ValueError("MeshConfig.dcn_fsdp=-1: only dcn_data may fill the slices; give dcn_fsdp a size")
+  fsdp = config.dcn_fsdp
+  if slices % fsdp:
+    raise ValueError(f"MeshConfig.dcn_fsdp={fsdp} does not divide the {slices} slices")
+  data = slices // fsdp if config.dcn_data == -1 else config.dcn_data
+  if data * fsdp != slices:
+    raise ValueError(f"MeshConfig.dcn_data={data} x dcn_fsdp={fsdp} must equal the {slices} slices")
+  dcn = {"data": data, "fsdp": fsdp, "tensor": 1, "expert": 1}
+  for name, parts in dcn.items():
+    if sizes[name] % parts:
+      raise ValueError(f"MeshConfig.{name}={sizes[name]} cannot span {parts} slices (dcn_{name}="
+                       f"{parts}); make {name} a multiple of {parts}")
+  return dcn
+
+
 def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
-  """A `Mesh` with axes MESH_AXES (Auto axis types: XLA propagates shardings between constraints)."""
+  """A `Mesh` with axes MESH_AXES (Auto axis types: XLA propagates shardings between constraints);
+  over several slices a hybrid mesh: within each slice ICI-aware, across slices the DCN axes."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_axis_sizes(config, len(devices))
   shape = tuple(sizes[name] for name in MESH_AXES)
+  slices = num_slices(devices)
+  if slices > 1:
+    dcn = resolve_dcn_sizes(config, sizes, slices)
+    dcn_shape = tuple(dcn[name] for name in MESH_AXES)
+    ici_shape = tuple(sizes[name] // dcn[name] for name in MESH_AXES)
+    device_array = mesh_utils.create_hybrid_device_mesh(ici_shape, dcn_shape, devices,
+                                                        allow_split_physical_axes=True)
+    return jax.sharding.Mesh(device_array, MESH_AXES)
   try:
     device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   except (ValueError, NotImplementedError, AssertionError):
