@@ -128,6 +128,7 @@ def extend(params: dict, cache: KVCache, chunk: dict, config: ModelConfig, *,
   def layer_step(carry, layer_and_index):
     x, k_all, v_all = carry
     layer, li = layer_and_index
+    layer = transformer.layers.materialize(layer)
     written = {}
 
     def attention(p, h):

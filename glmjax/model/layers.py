@@ -21,6 +21,17 @@ def bcast(w, ndim: int):
   return w.reshape((1,) * (ndim - w.ndim) + w.shape)
 
 
+def _packed(x) -> bool:
+  return hasattr(x, "dense") and not hasattr(x, "shape")
+
+
+def materialize(tree):
+  """Weights held in another form (glmjax.tuning: a frozen base with LoRA adapters) as the
+  dense arrays the layer functions read; plain arrays pass through. Called on one layer's slice
+  inside the layer scan, so at most one layer's weights are dense at a time."""
+  return jax.tree.map(lambda x: x.dense() if _packed(x) else x, tree, is_leaf=_packed)
+
+
 # --- Normalisation (always computed in float32) -----------------------------------------------
 
 def layer_norm(x, scale, bias=None, eps=1e-5):

@@ -214,7 +214,7 @@ def run_layers(layer_params: dict, x, ctx: PositionContext, config: ModelConfig)
   """All layers by `lax.scan` over the stacked `layers` axis (compile time flat in depth)."""
 
   def body(carry, layer):
-    y, aux = block(layer, carry, ctx, config)
+    y, aux = block(layers.materialize(layer), carry, ctx, config)
     return constrain(y, ACT_AXES), aux
 
   x, aux_per_layer = jax.lax.scan(remat(body, config), x, layer_params)

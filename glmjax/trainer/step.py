@@ -128,19 +128,23 @@ class TrainProgram:
 
   def __init__(self, model_config: ModelConfig, optimizer_config: optim.OptimizerConfig,
                mesh_config: shd.MeshConfig, *, num_steps: int, global_batch_size: int,
-               step_config: StepConfig = StepConfig(), devices: Optional[Sequence[jax.Device]] = None):
+               step_config: StepConfig = StepConfig(), devices: Optional[Sequence[jax.Device]] = None,
+               tuning=None):
     self.model_config = model_config
+    self.tuning = tuning  # glmjax.tuning.lora.LoraTuning: adapters on a frozen base, or None
     self.step_config = step_config
     self.global_batch_size = global_batch_size
     self.mesh = shd.make_mesh(mesh_config, devices)
     self.rules = shd.normalise_rules(mesh_config.rules)
     self.optimizer, self.schedule = optim.make_optimizer(optimizer_config, num_steps)
+    if tuning is not None:
+      self.optimizer = tuning.wrap_optimizer(self.optimizer)
     self._check_batch(global_batch_size, step_config.microbatches)
 
     rep = shd.replicated(self.mesh)
-    self.param_shardings = shd.param_shardings(model_config, self.mesh, self.rules)
-    self.abstract_params = jax.eval_shape(functools.partial(init_params, model_config),
-                                          jax.random.PRNGKey(0))
+    self.param_shardings = (shd.param_shardings(model_config, self.mesh, self.rules) if tuning is None
+                            else tuning.param_shardings(self.mesh, self.rules))
+    self.abstract_params = jax.eval_shape(self._init_params, jax.random.PRNGKey(0))
     opt_shardings = shd.opt_state_shardings(self.optimizer, self.abstract_params, self.param_shardings,
                                             self.mesh)
     self.state_shardings = {"step": rep, "params": self.param_shardings, "opt_state": opt_shardings,
@@ -165,8 +169,13 @@ class TrainProgram:
           f"the {parts} batch shards of the mesh {dict(self.mesh.shape)}; change the batch size, "
           "TrainerConfig.microbatches or MeshConfig")
 
-  def _init_state(self, rng):
-    params = init_params(self.model_config, rng)
+  def _init_params(self, rng, base=None):
+    if self.tuning is None:
+      return init_params(self.model_config, rng)
+    return self.tuning.init_params(rng, base)
+
+  def _init_state(self, rng, base=None):
+    params = self._init_params(rng, base)
     return new_state(params, self.optimizer.init(params), rng)
 
   def sharding_context(self):
@@ -174,8 +183,20 @@ class TrainProgram:
     return shd.activation_sharding(self.mesh, self.rules)
 
   def init_state(self, seed: int) -> dict:
+    base = None if self.tuning is None else self.tuning.load_base(self.mesh, self.rules)
     with self.sharding_context():
-      return self._init(jax.random.PRNGKey(seed))
+      return self._init(jax.random.PRNGKey(seed), base)
+
+  def checkpoint_state(self, state: dict) -> dict:
+    """What a checkpoint holds: the state, or with `tuning` the state without the frozen base."""
+    return state if self.tuning is None else self.tuning.checkpoint_view(state)
+
+  def checkpoint_target(self) -> dict:
+    return self.checkpoint_state(self.abstract_state())
+
+  def complete_state(self, restored: dict, seed: int) -> dict:
+    """A restored checkpoint_state as a full state (with `tuning`: the base put back)."""
+    return restored if self.tuning is None else self.tuning.complete(restored, self.init_state(seed))
 
   def abstract_state(self) -> dict:
     """ShapeDtypeStructs with shardings: the restore target of a checkpoint."""
