@@ -243,9 +243,10 @@ def _fill_in_place(params, config, texts, mask_ids, sop_id, options, convention,
   GLM-130B `generate.py` `fill_blanks`: `mask_position = seq.index(mask_token)` on the
   current sequence, `input_seq = seq + [sop]`, and after generation
   `output[:mask_position] + output[bog + 1:unfinished] + output[mask_position + 1:bog]`
-  becomes the next sequence (generate.py lines 94-148). Rows whose mask continues ([gMASK]) and rows whose mask is
-  a span ([MASK]) step positions differently, so they are decoded in separate calls;
-  each call keeps the batch size (other rows repeat one of its rows, their output unused).
+  becomes the next sequence (generate.py lines 94-148). Rows whose mask continues
+  ([gMASK]) and rows whose mask is a span ([MASK]) step positions differently, so they are
+  decoded in separate calls; each call keeps the batch size (other rows repeat one of its
+  rows, their output unused).
   """
   for b, text in enumerate(texts):
     kinds = {int(t) for t in text if t in mask_ids}

@@ -41,7 +41,7 @@ class GLMFeatureConverter(seqio.FeatureConverter):
       "glm130b" keeps Part A bidirectional with one position stream (block positions
       0): a [MASK] / [sMASK] span stays at its mask's index, a [gMASK] span (and a
       span with no Part A) takes its index in the example, i.e. consecutive positions
-      (GLM-130B `generate.py` `get_masks_and_position_ids`, lines 20-31:
+      (GLM-130B `generate.py` `get_masks_and_position_ids`, lines 42-44:
       `position_ids = arange(len)`; `if not gmask: position_ids[context_length - 1:] =
       mask_position`). "causal" makes every token causal at 0..len-1 (ChatGLM2/3 and
       GLM-4 `modeling_chatglm.py` `get_position_ids` / `get_masks`; LLaMA, GPT).
@@ -126,7 +126,9 @@ def glm130b_positions(features, gmask_id):
   Part B tokens (block position > 0) whose mask token is [gMASK], or that have no
   Part A, take their index in the example; everything else keeps its position
   (Part A its index, a [MASK] span its mask's index): GLM-130B `generate.py`
-  `get_masks_and_position_ids` and `evaluation/dataset.py` `build_generation_sample`.
+  `get_masks_and_position_ids` (lines 42-44) and `evaluation/dataset.py`
+  `build_generation_sample` / `build_multiple_choice_sample` (lines 138-142, 259-274: a
+  [gMASK] answer's <sop> at Part A's length).
   """
   positions = features["positions"]
   part_b = features["block_positions"] > 0
