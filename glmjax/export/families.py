@@ -480,6 +480,10 @@ class Glm130BSat(Family):
     f.refuse("use_final_layernorm", lambda v: v is not True, "glmjax always has the final norm")
     heads, hidden = f.need("num_attention_heads"), f.need("hidden_size")
     vocab, inner = f.need("vocab_size"), f.get("inner_hidden_size", 4 * hidden * 2 // 3, int)
+    quantized = [n for n in reader.names() if n.endswith("_scale")]
+    if quantized:
+      raise ValueError(f"{reader.directory} holds quantized weights ({quantized[0]}: GLM-130B "
+                       "tools/convert_tp.py --quantization-bit-width); import the float16 checkpoint")
     tp = getattr(reader, "tensor_parallel", 1)
     declared = f.get("model_parallel_size", tp, int)
     if declared != tp:

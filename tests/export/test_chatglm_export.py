@@ -96,6 +96,32 @@ def test_cli_import_then_export_chatglm_is_bit_exact(tmp_path):
     assert hf[key] == config[key], key
 
 
+def test_export_meets_chatglm_cpp_converter(tmp_path):
+  """What chatglm.cpp's ChatGLM2Converter (li-plus/chatglm.cpp chatglm_cpp/convert.py) asserts of
+  config.json and the weight names it dumps, for a model with its supported switches."""
+  config = presets.get("tiny-chatglm2", d_model=32, num_heads=4, head_dim=8)
+  to_huggingface(helpers.perturbed_params(config), config, str(tmp_path / "hf"), target="chatglm")
+  hf, sd = read_folder(str(tmp_path / "hf"))
+  assert hf["add_bias_linear"] is False and hf["add_qkv_bias"] is True
+  assert hf["apply_residual_connection_post_layernorm"] is False
+  assert hf["kv_channels"] * hf["num_attention_heads"] == hf["hidden_size"]
+  assert hf["multi_query_attention"] is True and hf["original_rope"] is True
+  assert hf["post_layer_norm"] is True and hf["rmsnorm"] is True
+  assert "AutoModel" in hf["auto_map"]
+  for key in ("padded_vocab_size", "hidden_size", "num_attention_heads", "num_layers",
+              "ffn_hidden_size", "seq_length", "multi_query_group_num"):
+    assert isinstance(hf[key], int), key
+  names = ["transformer.embedding.word_embeddings.weight"]
+  for i in range(config.num_layers):
+    p = f"transformer.encoder.layers.{i}"
+    names += [f"{p}.input_layernorm.weight", f"{p}.self_attention.query_key_value.weight",
+              f"{p}.self_attention.query_key_value.bias", f"{p}.self_attention.dense.weight",
+              f"{p}.post_attention_layernorm.weight", f"{p}.mlp.dense_h_to_4h.weight",
+              f"{p}.mlp.dense_4h_to_h.weight"]
+  names += ["transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight"]
+  assert sorted(names) == sorted(sd)
+
+
 def test_tied_model_exports_its_embedding_as_output_layer(tmp_path):
   """ChatGLM always has transformer.output_layer: a tied glmjax model writes the embedding there;
   with the stored config it comes back tied, without it as an untied copy."""

@@ -60,6 +60,14 @@ def test_missing_tensor_parallel_shard(tmp_path):
     from_huggingface(folder)
 
 
+def test_quantized_sat_checkpoint_is_refused(tmp_path):
+  config, sd = glm_family.glm130b()
+  sd["transformer.layers.0.attention.dense.weight_scale"] = np.ones(32, np.float16)
+  folder = glm_family.save_sat(tmp_path / "sat", config, sd, tp=1)
+  with pytest.raises(ValueError, match=r"holds quantized weights .*import the float16 checkpoint"):
+    from_huggingface(folder)
+
+
 def test_shape_that_does_not_match_the_config(tmp_path):
   config, sd = glm_family.glm_block()
   folder = glm_family.save_bin(tmp_path / "g", dict(config, vocab_size=96), sd)
