@@ -60,8 +60,11 @@ class Convention:
     """The convention of a model: its prompt_layout, and its family's prompt specials given the
     vocabulary's `special_ids` (glmjax.tasks.vocab.SpecialIds) and [CLS] id (when it has one).
 
-    GLM-10B / GLM-Large (layout "glm", learned 2D positions): [CLS] first, eos appended unless
-    the text ends with [gMASK] (THUDM/GLM generate_samples.py `read_context`, lines 196-204).
+    GLM-10B / GLM-Large (layout "glm", learned 2D positions) with GLM's vocabulary ([CLS]
+    given): [CLS] first, eos appended unless the text ends with [gMASK] (THUDM/GLM
+    generate_samples.py `read_context`, lines 196-204; its samples start with [CLS] and end
+    documents with eos). Without a [CLS] (a model trained here on the shipped vocabulary,
+    whose samples carry neither) the prompt stays as it is.
     GLM-130B: eos appended unless the text ends with a mask, no [CLS] (GLM-130B generate.py
     `fill_blanks`, lines 72-76). ChatGLM-6B (its final tokenizer appends [gMASK] <sop> only)
     and the causal families: none.
@@ -69,7 +72,7 @@ class Convention:
     if special_ids is None:
       return cls(config.prompt_layout)
     ids = special_ids
-    if config.prompt_layout == "glm" and config.position == "learned_2d":
+    if config.prompt_layout == "glm" and config.position == "learned_2d" and cls_id is not None:
       return cls("glm", ids.gmask, cls_id=cls_id, eos_id=ids.eos, eos_unless_last=(ids.gmask,))
     if config.prompt_layout == "glm130b":
       return cls("glm130b", ids.gmask, eos_id=ids.eos, eos_unless_last=(ids.mask, ids.smask, ids.gmask))

@@ -56,3 +56,27 @@ def test_prompt_layout_defaults_to_the_checkpoints_model_config():
   with pytest.raises(common.BadInput, match="DataConfig.positions_1d=False conflicts with "
                                             "ModelConfig.prompt_layout='causal'"):
     prompt_convention(no_flags, presets.get("tiny-chatglm2"), DataConfig(positions_1d=False))
+
+
+def test_cli_convention_takes_cls_from_a_glm_vocabulary(tmp_path):
+  """A GLM-10B checkpoint whose vocabulary has [CLS] is prompted [CLS] ... eos (GLM's
+  generate_samples.py); the shipped vocabulary has no [CLS], so nothing is added."""
+  import argparse
+
+  from sentencepiece import sentencepiece_model_pb2
+
+  from glmjax.cli.generate import prompt_convention
+  from glmjax.model import presets
+
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(vocab.default_vocabulary().sp_model)
+  proto.pieces.add(piece="[CLS]", score=0.0, type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
+  (tmp_path / "glm.model").write_bytes(proto.SerializeToString())
+  glm_vocab = vocab.GLMVocabulary(str(tmp_path / "glm.model"))
+  no_flags = argparse.Namespace(prompt_layout=None, causal_inputs=None, positions_1d=None)
+  ids = glm_vocab.special_ids
+  with_cls = prompt_convention(no_flags, presets.get("glm-10b"), None, glm_vocab)
+  assert with_cls.prompt([20, ids.mask, 21]) == [glm_vocab.tokenizer.piece_to_id("[CLS]"), 20, ids.mask, 21,
+                                                 ids.eos]
+  shipped = prompt_convention(no_flags, presets.get("glm-10b"), None, vocab.default_vocabulary())
+  assert shipped.cls_id is None and shipped.prompt([20, ids.mask, 21]) == [20, ids.mask, 21]
