@@ -3,6 +3,10 @@
     to_huggingface(params, config, out_dir)   # -> folder for AutoModelForCausalLM (or torch_model)
     from_huggingface(hf_dir)                  # -> (params, config)
 
+`from_huggingface` also reads the GLM family's own checkpoints (glmjax.export.families:
+ChatGLM2/3 / GLM-4, ChatGLM-6B, GLM-10B / GLM-Large, GLM-130B SwissArmyTransformer shards) from
+safetensors, pytorch_model.bin (torch.load(weights_only=True)) or mp_rank_XX_model_states.pt;
+`to_huggingface(..., target="chatglm")` writes ChatGLM2/3 / GLM-4's layout.
 `glmjax export` / `glmjax import` (glmjax.cli) wrap them.
 Nothing here imports jax at module level, so `glmjax.export.torch_model` can be
 used where only torch is installed.

@@ -30,10 +30,12 @@ import os
 import re
 import shutil
 
-# The last one is ChatGLM-6B's SentencePiece model (ChatGLM2/3 name theirs tokenizer.model).
+# The last two are the SentencePiece models of ChatGLM-6B (tokenization_chatglm.py
+# vocab_files_names) and GLM-Large-Chinese / GLM-10B-Chinese (tokenization_glm.py); ChatGLM2/3
+# name theirs tokenizer.model, GLM-10B (GPT-2 BPE) vocab.json + merges.txt.
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                       "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                      "ice_text.model")
+                      "ice_text.model", "cog-pretrain.model")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # ModelProto.SentencePiece.Type
 BPE = 2  # TrainerSpec.ModelType
 SPACE = "\u2581"
