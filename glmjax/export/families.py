@@ -21,7 +21,8 @@ no remote code is run. References (the HF-hub files of THUDM's repositories):
     [np, 3 * hn]; 2D rotary: q.chunk(2) halves rotated by position_ids / block_position_ids,
     rotate_half, dim = hidden // (heads * 2)), GLMBlock (alpha = (2 * num_layers)^0.5:
     h = ln(x); x = h * alpha + attn(h); h = ln(x); out = h * alpha + mlp(h)), GELU =
-    gelu_impl (tanh), untied lm_head.
+    gelu_impl (tanh), untied lm_head. Not modelled by glmjax: its RotaryEmbedding rounds
+    inv_freq to float16 (`inv_freq.half()`), so long positions rotate slightly differently.
   glm-10b / glm-large: THUDM's HF modeling_glm.py (THUDM/glm-large-chinese's, as forked in
     sunzeyeah/RLHF src/resources/models/glm-350M-chinese/modeling_glm.py): `from
     transformers.activations import gelu` (l.25, the exact erf GELU) in MLP (4h), SelfAttention

@@ -58,7 +58,12 @@ def _f64(sd):
 
 def chatglm6b(config, sd, tokens, positions, block_positions, prefix):
   """ChatGLM-6B modeling_chatglm.py: GLMBlock (DeepNorm alpha), SelfAttention ([np, 3 * hn] qkv,
-  2D rotary on the two halves of each head), GELU MLP, final LayerNorm, untied lm_head."""
+  2D rotary on the two halves of each head), GELU MLP, final LayerNorm, untied lm_head.
+
+  One known difference is left out on purpose: ChatGLM-6B's RotaryEmbedding rounds its
+  frequencies to float16 (`inv_freq = inv_freq.half()` in __init__; the checkpoint's buffer is
+  ignored by its _load_from_state_dict), which glmjax's rope_2d does not model (angle error up to
+  ~5e-4 x position); this reference uses exact frequencies, as the importer's target does."""
   sd = _f64(sd)
   H, n = config["num_attention_heads"], config["num_layers"]
   alpha = (2 * n) ** 0.5
