@@ -99,3 +99,20 @@ def test_rope_ratio_changes_the_logits(tmp_path):
   tokens = helpers.random_tokens(mc.vocab_size, (1, 17))
   other = torch_logits(glm_for_causal_lm(config1, sd), tokens)
   assert np.abs(helpers.jax_logits(params, mc, tokens) - other).max() > 1e-2
+
+
+def test_bfloat16_bin_checkpoint_keeps_its_values(tmp_path):
+  """GLM-4's config (bfloat16, eos list, tiny layernorm_epsilon) from pytorch_model.bin shards:
+  bfloat16 tensors arrive bit for bit, without a float32 detour."""
+  config, sd = glm_family.chatglm2(rope_ratio=500.0)
+  config.update(torch_dtype="bfloat16", eos_token_id=[2, 5, 7], layernorm_epsilon=1.5625e-07,
+                classifier_dropout=None)
+  folder = tmp_path / "glm4"
+  glm_family.write_config(folder, config)
+  bf16 = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in sd.items()}
+  torch.save(bf16, folder / "pytorch_model.bin")
+  params, mc = from_huggingface(str(folder))
+  assert mc.param_dtype == "bfloat16" and mc.norm_eps == 1.5625e-07
+  embedding = params["embed"]["embedding"]
+  expected = bf16["transformer.embedding.word_embeddings.weight"].view(torch.int16).numpy()
+  assert embedding.dtype.name == "bfloat16" and np.array_equal(embedding.view(np.int16), expected)
