@@ -73,12 +73,15 @@ def text_preprocessors(objective_fn: Callable, text_key: str = "text") -> list:
 def register_text_task(name: str, source: seqio.DataSource, *, objective: Optional[str] = None,
                        rates: Optional[Mapping[str, float]] = None, causal: bool = False,
                        text_key: str = "text", vocabulary: Optional[seqio.Vocabulary] = None,
-                       shuffle_buffer_size: int = CORPUS_SHUFFLE_BUFFER) -> seqio.Task:
-  """A pretraining task over documents in `text_key`: blank infilling, or causal LM if `causal`."""
-  if causal and (objective or rates):
-    raise ValueError("causal=True takes no objective/rates")
+                       shuffle_buffer_size: int = CORPUS_SHUFFLE_BUFFER, **options) -> seqio.Task:
+  """A pretraining task over documents in `text_key`: blank infilling, or causal LM if `causal`.
+
+  `options` go to objectives.blank_infilling, e.g. `**objectives.GLM_10B_OPTIONS` (GLM-10B's
+  released data options; needs a vocabulary with [CLS] / [dBLOCK])."""
+  if causal and (objective or rates or options):
+    raise ValueError("causal=True takes no objective/rates/blank-infilling options")
   objective_fn = (objectives.causal_lm if causal else
-                  functools.partial(objectives.blank_infilling, objective=objective, rates=rates))
+                  functools.partial(objectives.blank_infilling, objective=objective, rates=rates, **options))
   return seqio.TaskRegistry.add(name, source=source, preprocessors=text_preprocessors(objective_fn, text_key),
                                 output_features=output_features(vocabulary),
                                 shuffle_buffer_size=shuffle_buffer_size)

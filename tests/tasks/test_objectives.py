@@ -396,3 +396,17 @@ def test_glm_10b_options_need_their_pieces_and_sane_values(kwargs, field):
   ds = tf.data.Dataset.from_tensors({"targets": tf.constant([20, 21], tf.int32)})
   with pytest.raises(ValueError, match=field):
     objectives.blank_infilling(ds, sequence_length={"tokens": 64}, **kwargs)
+
+
+def test_a_task_registered_with_glm_10b_options_packs_cls_first_rows(glm10b_vocabulary):
+  from glmjax.tasks import get_dataset, registry, sources  # pylint: disable=import-outside-toplevel
+  name = "test_glm10b_options_task"
+  if name not in seqio.TaskRegistry.names():
+    source = sources.records_source(functools.partial(corpus.load, "shakespeare"), registry.SPLITS, ["text"])
+    registry.register_text_task(name, source, vocabulary=glm10b_vocabulary, **objectives.GLM_10B_OPTIONS)
+  cls = glm10b_vocabulary.tokenizer.piece_to_id(objectives.CLS)
+  batch = next(get_dataset(name, sequence_length=128, batch_size=2, split="validation", shuffle=False,
+                           num_epochs=1).as_numpy_iterator())
+  for r in range(2):
+    starts = np.flatnonzero(np.diff(np.concatenate([[0], batch["segment_ids"][r]])) > 0)
+    assert len(starts) >= 1 and (batch["tokens"][r][starts] == cls).all()
