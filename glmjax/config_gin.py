@@ -26,6 +26,7 @@ import gin
 from glmjax.model import ModelConfig
 from glmjax.sharding import DistributedConfig, MeshConfig
 from glmjax.trainer import CheckpointConfig, DataConfig, Experiment, OptimizerConfig, TrainerConfig
+from glmjax.tuning.lora import LoraConfig
 
 CONFIG_CLASSES = {
     "ModelConfig": ModelConfig,
@@ -35,10 +36,11 @@ CONFIG_CLASSES = {
     "TrainerConfig": TrainerConfig,
     "CheckpointConfig": CheckpointConfig,
     "DistributedConfig": DistributedConfig,
+    "LoraConfig": LoraConfig,
 }
 _FIELD_OF = {"ModelConfig": "model", "MeshConfig": "mesh", "OptimizerConfig": "optimizer",
              "DataConfig": "data", "TrainerConfig": "trainer", "CheckpointConfig": "checkpoint",
-             "DistributedConfig": "distributed"}
+             "DistributedConfig": "distributed", "LoraConfig": "lora"}
 _configurables: dict = {}
 
 

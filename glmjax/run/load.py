@@ -104,7 +104,11 @@ def load_params(path: str, step: Optional[int] = None, *, devices: Optional[Sequ
       shapes = jax.eval_shape(functools.partial(init_params, experiment.model), jax.random.PRNGKey(0))
       abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                               shapes, shardings)
-      params = restore_params(workdir.checkpoints, candidate, abstract)
+      if experiment.lora.enabled:  # the checkpoint holds adapters only: base read again, merged
+        from glmjax.tuning import lora as lora_lib  # pylint: disable=import-outside-toplevel
+        params = lora_lib.load_merged(workdir.checkpoints, candidate, experiment, mesh, rules)
+      else:
+        params = restore_params(workdir.checkpoints, candidate, abstract)
     except UnreadableCheckpoint as e:
       if step is not None:
         raise ValueError(f"--step {step} of {workdir.path} is unreadable ({e}); pick another step") from e

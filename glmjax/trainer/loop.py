@@ -33,6 +33,7 @@ from glmjax.trainer import metrics as metrics_lib
 from glmjax.trainer.data import DataConfig
 from glmjax.trainer.optim import OptimizerConfig
 from glmjax.trainer.step import StepConfig, TrainProgram
+from glmjax.tuning import lora as lora_lib
 
 log_ = logging.getLogger("glmjax.train")
 
@@ -61,6 +62,7 @@ class Experiment:
   trainer: TrainerConfig = TrainerConfig()
   checkpoint: ckpt.CheckpointConfig = ckpt.CheckpointConfig()
   distributed: DistributedConfig = DistributedConfig()
+  lora: lora_lib.LoraConfig = lora_lib.LoraConfig()  # rank 0: full fine-tuning / pretraining
 
 
 @dataclasses.dataclass
@@ -174,7 +176,7 @@ def _restore_newest(run_dir: workdir_lib.Workdir, program: TrainProgram, config:
   try:
     for candidate in steps:
       try:
-        state, data_state, _ = ckpt.restore(manager, candidate, program.abstract_state())
+        state, data_state, _ = ckpt.restore(manager, candidate, program.checkpoint_target())
       except ckpt.CheckpointMismatch:
         raise  # another model / optimizer config: refused, nothing moved
       except Exception as e:  # pylint: disable=broad-except  (tensorstore/orbax: many types)
@@ -219,7 +221,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   program = TrainProgram(experiment.model, experiment.optimizer, experiment.mesh,
                          num_steps=cfg.num_steps, global_batch_size=experiment.data.batch_size,
                          step_config=StepConfig(microbatches=cfg.microbatches, z_loss=cfg.z_loss),
-                         devices=devices)
+                         devices=devices, tuning=lora_lib.tuning_for(experiment.model, experiment.lora))
   layout = {"batch_size": experiment.data.batch_size, "sequence_length": experiment.data.sequence_length}
   if train_data is None:
     stream = data_lib.train_stream(experiment.data, pid, nproc, model=experiment.model)
@@ -254,6 +256,8 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
         log_.info("resumed from %s at step %d (data: %s)", manager.directory, resumed_from, resumed_by)
   if state is None:
     state = program.init_state(cfg.seed)
+  else:
+    state = program.complete_state(state, cfg.seed)  # LoRA: the base is not in the checkpoint
   step = int(jax.device_get(state["step"]))
   if workdir is not None and is_main:
     os.makedirs(workdir, exist_ok=True)
@@ -276,7 +280,8 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
       return
     if force and step in manager.all_steps():
       return
-    ckpt.save(manager, step, state, stream.state(), config_info, force=force, stream=stream)
+    ckpt.save(manager, step, program.checkpoint_state(state), stream.state(), config_info, force=force,
+              stream=stream)
 
   def evaluate() -> None:
     if eval_host:

@@ -280,6 +280,25 @@ class LoraTuning:
     return {**restored, "params": with_base(restored["params"], fresh["params"])}
 
 
+def restore_lora_params(checkpoints_dir: str, step: int, experiment, mesh, rules) -> dict:
+  """A LoRA run's params (LoraWeight tree) on `mesh`: its base (base_checkpoint, or the seed's
+  init as in training) and the adapters of checkpoint `step`."""
+  from glmjax.run.load import restore_params  # pylint: disable=import-outside-toplevel
+  tuning = LoraTuning(experiment.model, experiment.lora)
+  init = jax.jit(tuning.init_params, out_shardings=tuning.param_shardings(mesh, rules))
+  full = init(jax.random.PRNGKey(experiment.trainer.seed), tuning.load_base(mesh, rules))
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                          adapters_only(full))
+  return with_base(restore_params(checkpoints_dir, step, abstract), full)
+
+
+def load_merged(checkpoints_dir: str, step: int, experiment, mesh, rules) -> dict:
+  """restore_lora_params merged into plain params (what generate / eval / export read)."""
+  from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  params = restore_lora_params(checkpoints_dir, step, experiment, mesh, rules)
+  return jax.jit(merge, out_shardings=shd.param_shardings(experiment.model, mesh, rules))(params)
+
+
 def tuning_for(model_config: ModelConfig, lora: Optional[LoraConfig]) -> Optional[LoraTuning]:
   if lora is None:
     return None

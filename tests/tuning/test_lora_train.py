@@ -1,0 +1,105 @@
+"""LoRA driven by `glmjax train` (experiments/lora_llama_small.gin, shrunk): checkpoints hold the
+adapters and optimizer state only and name the base run; resume is exact; the base stays the
+base run's bit for bit; params-only load (generate / eval / export) gets the merged weights."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from glmjax import config_gin
+from glmjax.cli import train as train_cli
+from glmjax.model import forward
+from glmjax.run import load as load_lib
+from glmjax.trainer.metrics import read_jsonl
+from glmjax.tuning import lora as lora_lib
+from tests.train.test_gin import REPO
+
+SHRINK = ["ModelConfig.d_model = 32", "ModelConfig.num_layers = 2", "ModelConfig.num_heads = 2",
+          "ModelConfig.num_kv_heads = 2", "ModelConfig.head_dim = 16", "ModelConfig.ffn_dim = 64",
+          "ModelConfig.max_length = 32", "DataConfig.sequence_length = 32", "DataConfig.batch_size = 8",
+          "TrainerConfig.eval_every = 0", "TrainerConfig.eval_at_end = False",
+          "TrainerConfig.peak_flops_per_device = 1e9", "TrainerConfig.progress_bar = False",
+          "TrainerConfig.plot = False", "OptimizerConfig.warmup_steps = 0",
+          "OptimizerConfig.learning_rate = 1e-2", "CheckpointConfig.save_every = 2",
+          "CheckpointConfig.async_save = False", "MeshConfig.data = 2", "MeshConfig.fsdp = -1"]
+STEPS = 4
+
+
+def run(gin_file, workdir, steps, extra=()):
+  config_gin.clear()
+  try:
+    return train_cli.main(["--gin_file", gin_file, "--workdir", workdir]
+                          + [f"--gin={b}" for b in SHRINK + list(extra)]
+                          + [f"--gin.TrainerConfig.num_steps={steps}"])
+  finally:
+    config_gin.clear()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("lora")
+  paths = {name: str(root / name) for name in ("base", "straight", "resumed")}
+  old = os.getcwd()
+  os.chdir(REPO)
+  try:
+    assert run("experiments/llama_small_causal_lm.gin", paths["base"], 1) == 0
+    lora = [f"LoraConfig.base_checkpoint = '{paths['base']}'", "LoraConfig.rank = 4"]
+    assert run("experiments/lora_llama_small.gin", paths["straight"], STEPS, lora) == 0
+    assert run("experiments/lora_llama_small.gin", paths["resumed"], STEPS // 2, lora) == 0
+    assert run("experiments/lora_llama_small.gin", paths["resumed"], STEPS, lora) == 0
+    yield paths
+  finally:
+    os.chdir(old)
+
+
+def _losses(workdir):
+  return {r["step"]: r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+          if r["kind"] == "train"}
+
+
+def _saved_param_paths(workdir, step):
+  import orbax.checkpoint as ocp
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    meta = checkpointer.metadata(os.path.join(workdir, "checkpoints", str(step), "state"))
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  flat = jax.tree_util.tree_flatten_with_path(tree["params"])[0]
+  return ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat]
+
+
+def test_checkpoint_holds_adapters_and_names_the_base(runs):
+  paths = _saved_param_paths(runs["straight"], STEPS)
+  assert paths and all(p.endswith(("/a", "/b")) for p in paths), paths
+  assert len(paths) == 2 * 7  # every projection of the 'all' target, stacked over layers
+  info = load_lib.Workdir(runs["straight"]).run_info(STEPS)
+  assert f"LoraConfig.base_checkpoint = '{runs['base']}'" in info["gin"]
+
+
+def test_resume_is_exact(runs):
+  straight, resumed = _losses(runs["straight"]), _losses(runs["resumed"])
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  assert [resumed[s] for s in sorted(resumed)] == [straight[s] for s in sorted(straight)]
+
+
+def test_loaded_run_is_the_base_with_the_adapters_merged(runs):
+  base = load_lib.load_params(runs["base"])
+  loaded = load_lib.load_params(runs["straight"])
+  experiment = loaded.experiment
+  adapted = lora_lib.restore_lora_params(loaded.workdir.checkpoints, STEPS, experiment, loaded.mesh,
+                                         loaded.rules)
+  wrapped = [leaf for leaf in jax.tree.leaves(adapted, is_leaf=lora_lib.is_lora) if lora_lib.is_lora(leaf)]
+  assert len(wrapped) == 7 and all(np.any(np.asarray(leaf.b) != 0) for leaf in wrapped)
+  # the base inside the LoRA tree is the base run's, bit for bit
+  for group, name in (("attn", "wq"), ("attn", "wo"), ("mlp", "w_down")):
+    np.testing.assert_array_equal(np.asarray(adapted["layers"][group][name].base),
+                                  np.asarray(base.params["layers"][group][name]))
+  np.testing.assert_array_equal(np.asarray(loaded.params["embed"]["embedding"]),
+                                np.asarray(base.params["embed"]["embedding"]))
+  tokens = np.arange(2, 34, dtype=np.int32).reshape(2, 16)
+  batch = {"tokens": tokens}
+  np.testing.assert_allclose(np.asarray(forward(loaded.params, batch, experiment.model)),
+                             np.asarray(forward(adapted, batch, experiment.model)), atol=1e-5, rtol=0)
+  assert np.abs(np.asarray(forward(loaded.params, batch, experiment.model))
+                - np.asarray(forward(base.params, batch, experiment.model))).max() > 1e-4
