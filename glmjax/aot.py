@@ -382,8 +382,7 @@ def compile_report(experiment, topology: str, *, num_slices: int = 1, step: str 
     raise ValueError(f"--step {step!r} is not one of {', '.join(STEPS)}")
   devices = topology_devices(topology, num_slices, verbose=verbose)
   if step == "decode":
-    from glmjax import aot_decode  # pylint: disable=import-outside-toplevel
-    lowered, mesh, inputs = aot_decode.lower_decode(experiment, devices, context)
+    lowered, mesh, inputs = lower_decode(experiment, devices, context)
   else:
     program = train_program(experiment, devices)
     lowered, mesh = program.lower(step, experiment.data.sequence_length), program.mesh
@@ -441,3 +440,48 @@ def out_of_memory_report(message: str, inputs: list, devices: Sequence, flops: f
           "flops_per_step": flops, "collectives": {},
           "roofline": roofline(flops, len(devices), chip, memory, {}),
           "compiler_message": " ".join(message.split())[:500]}
+
+
+def lower_decode(experiment, devices: Sequence, context: int = 0):
+  """(lowered, mesh, input bytes) of one KV-cache decode step as `glmjax generate` runs it: one
+  new token per row (`glmjax.model.decode.extend`, last-token logits) against a cache of
+  `context` slots (default ModelConfig.max_length), params and cache sharded by the mesh rules,
+  the cache donated (updated in place)."""
+  import functools  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from glmjax.model import decode, init_params  # pylint: disable=import-outside-toplevel
+
+  config, batch = experiment.model, experiment.data.batch_size
+  context = context or config.max_length
+  if context < 1 or context > config.max_length:
+    raise ValueError(f"--context {context} must be in 1..ModelConfig.max_length={config.max_length}")
+  mesh = shd.make_mesh(experiment.mesh, devices)
+  rules = shd.normalise_rules(experiment.mesh.rules)
+  shd.check_divisible("decode batch (DataConfig.batch_size)", (batch,), ("batch",),
+                      shd.logical_to_spec(("batch",), rules, mesh), mesh)
+  named = lambda axes: jax.sharding.NamedSharding(mesh, shd.logical_to_spec(axes, rules, mesh))  # noqa: E731
+  param_shardings = shd.param_shardings(config, mesh, rules)
+  shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0))
+  params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                        shapes, param_shardings)
+  cache_shapes = jax.eval_shape(lambda: decode.init_cache(config, batch, context))
+  cache = decode.KVCache(
+      k=jax.ShapeDtypeStruct(cache_shapes.k.shape, cache_shapes.k.dtype, sharding=named(decode.KV_AXES)),
+      v=jax.ShapeDtypeStruct(cache_shapes.v.shape, cache_shapes.v.dtype, sharding=named(decode.KV_AXES)),
+      tokens=jax.ShapeDtypeStruct((batch, context), jax.numpy.int32, sharding=named(decode.SLOT_AXES)),
+      segment_ids=jax.ShapeDtypeStruct((batch, context), jax.numpy.int32,
+                                       sharding=named(decode.SLOT_AXES)),
+      bidirectional=jax.ShapeDtypeStruct((batch, context), jax.numpy.int32,
+                                         sharding=named(decode.SLOT_AXES)),
+      index=jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=shd.replicated(mesh)))
+  token = jax.ShapeDtypeStruct((batch, 1), jax.numpy.int32, sharding=named(("batch", None)))
+  chunk = {"tokens": token, "positions": token, "block_positions": token, "segment_ids": token}
+
+  def step(params, cache, chunk):
+    return decode.extend(params, cache, chunk, config, last_only=True)
+
+  with shd.activation_sharding(mesh, rules):
+    lowered = jax.jit(step, donate_argnums=(1,)).lower(params, cache, chunk)
+  inputs = input_bytes(params, False) + input_bytes(cache, True) + input_bytes(chunk, False)
+  return lowered, mesh, inputs

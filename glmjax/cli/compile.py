@@ -89,7 +89,8 @@ def _compile(argv: list) -> int:
 
 
 def _gib(n: float) -> str:
-  return f"{n / 1024**3:.2f} GiB"
+  """Bytes in GiB, or MiB under 1 GiB (small experiments)."""
+  return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 def summary_lines(report: dict) -> list:
@@ -102,6 +103,8 @@ def summary_lines(report: dict) -> list:
            f"  per device: arguments {_gib(mem['arguments'])}, temporaries {_gib(mem['temporaries'])}, "
            f"outputs {_gib(mem['outputs'])}, aliased {_gib(mem['aliased'])} -> peak {_gib(mem['peak'])}: "
            + ("fits" if report["fits"] else "does NOT fit")]
+  if "compiler_message" in report:
+    lines.append(f"  compiler: {report['compiler_message']}")
   parts = []
   for kind, row in sorted(report["collectives"].items()):
     where = "/".join(w for w, b in (("ICI", row["ici_bytes"]), ("DCN", row["dcn_bytes"])) if b)

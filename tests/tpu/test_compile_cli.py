@@ -135,3 +135,24 @@ def test_bad_topology_exits_2_with_one_line(capfd):
 def test_mesh_that_does_not_divide_the_slice_exits_2_with_one_line(capfd):
   _one_line_exit_2(compile_args(SMALL_GLM + ["MeshConfig.fsdp = 8"], "--topology", "v5e:2x2"),
                    capfd, "MeshConfig")
+
+
+def test_decode_step_arguments_are_params_plus_kv_cache(tmp_path):
+  out = tmp_path / "decode.json"
+  assert run_cli(compile_args(SMALL_GLM, "--topology", "v5e:2x2", "--step", "decode",
+                              "--context", "256", "--json", str(out))) == 0
+  report = json.loads(out.read_text())
+  cfg = small_model_config()
+  rows = 16 // 2  # the batch over fsdp; kv heads over tensor
+  kv = cfg.num_layers * rows * 256 * (cfg.num_kv_heads // 2) * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+  slots = 3 * rows * 256 * 4  # tokens, segment_ids, bidirectional
+  cache = 2 * kv + slots + 512  # + the write index (one 512-byte buffer)
+  new_token = 4 * 512  # tokens, positions, block_positions, segment_ids: [8, 1] int32 each
+  mem = report["per_device_bytes"]
+  assert mem["arguments"] == hand_param_bytes_per_device(cfg) + cache + new_token
+  assert mem["aliased"] == cache  # the donated cache is written in place
+  assert report["step"] == "decode" and report["fits"]
+  n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=is_spec))
+  n -= 2 * cfg.max_length * cfg.d_model
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 256
+  assert math.isclose(report["flops_per_step"], (2 * n + attention) * 16, rel_tol=1e-9)
