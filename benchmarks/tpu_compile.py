@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Presets x TPU topologies at realistic training shapes, compiled ahead of time on this host.
+
+    python benchmarks/tpu_compile.py [--rows llama2-7b/v5p-8 chatglm2-6b-decode/v5e-4] [--list]
+                                     [--timeout 1800] [--json OUT]
+
+Each row runs `glmjax compile` (libtpu, no TPU) in its own process and reads its --json report:
+per-device GiB (arguments / temporaries / peak), fits, compile seconds and the roofline MFU
+bound. Alongside, the analytic lower bound on per-device state: (params + gradients + Adam's two
+moments) / devices, all in the param dtype (float32), i.e. 16 bytes a parameter. The training
+shapes: bf16 compute over float32 params, full remat (`nothing_saveable`), Pallas flash
+attention (the Mosaic kernels), pure FSDP over the slice (MeshConfig.fsdp = -1), one sequence
+per chip unless noted. Prints a markdown table and a `RESULT_JSON:` line.
+
+Real-size compiles take minutes each on a 2-core host and several GiB of host memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+GiB = 1024**3
+TRAIN = ["ModelConfig.dtype = 'bfloat16'", "ModelConfig.param_dtype = 'float32'",
+         "ModelConfig.remat_policy = 'nothing_saveable'", "ModelConfig.attention_impl = 'auto'",
+         "MeshConfig.data = 1", "MeshConfig.fsdp = -1", "OptimizerConfig.name = 'adamw'",
+         "TrainerConfig.num_steps = 1000"]
+
+
+def row(name, model, topology, batch, length, *, slices=1, step="train", context=0, extra=()):
+  bindings = TRAIN + [f"DataConfig.batch_size = {batch}", f"DataConfig.sequence_length = {length}",
+                      f"ModelConfig.max_length = {max(length, context)}"] + list(extra)
+  return {"name": name, "gin_file": os.path.join(REPO, "experiments", "models", model),
+          "bindings": bindings, "topology": topology, "num_slices": slices, "step": step,
+          "context": context, "batch": batch, "length": length}
+
+
+# Google's slice names count TensorCores for v4 / v5p (2 a chip) and chips for v5e.
+ROWS = [
+    row("llama2-7b/v5p-8", "llama2_7b.gin", "v5p:2x2x1", 4, 4096),
+    row("llama2-7b/v5e-16", "llama2_7b.gin", "v5e:4x4", 16, 4096),
+    row("chatglm2-6b-32k/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768),
+    row("chatglm2-6b-32k/v5p-8", "chatglm2.gin", "v5p:2x2x1", 4, 32768),
+    row("llama2-70b/v5p-64", "llama2_70b.gin", "v5p:4x4x2", 32, 4096),
+    row("glm-130b/v4-384", "glm130b.gin", "v4:4x4x12", 384, 2048),
+    row("glm-130b/v5p-128", "glm130b.gin", "v5p:4x4x4", 64, 2048),
+    row("bloom-176b/v5p-128", "bloom.gin", "v5p:4x4x4", 64, 2048,
+        extra=["ModelConfig.vocab_size = 250880", "ModelConfig.d_model = 14336",
+               "ModelConfig.num_layers = 70", "ModelConfig.num_heads = 112",
+               "ModelConfig.num_kv_heads = 112", "ModelConfig.head_dim = 128",
+               "ModelConfig.ffn_dim = 57344"]),
+    row("chatglm2-6b-decode/v5e-4", "chatglm2.gin", "v5e:2x2", 8, 1, step="decode", context=8192,
+        extra=["MeshConfig.fsdp = 2", "MeshConfig.tensor = 2"]),  # 2 kv heads: tensor <= 2
+]
+
+
+def state_lower_bound(row_: dict, num_devices: int) -> float:
+  """(params + grads + 2 Adam moments) in float32 over the devices; decode: bf16-free params +
+  the KV cache (k and v, layers x batch x context x kv_heads x head_dim, compute dtype)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from glmjax import config_gin  # pylint: disable=import-outside-toplevel
+  from glmjax.model import is_spec, param_specs  # pylint: disable=import-outside-toplevel
+  config_gin.clear()
+  config_gin.parse([row_["gin_file"]], row_["bindings"])
+  model = config_gin.build_experiment().model
+  config_gin.clear()
+  n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(model), is_leaf=is_spec))
+  if row_["step"] == "decode":
+    kv = 2 * model.num_layers * row_["batch"] * row_["context"] * model.num_kv_heads * model.head_dim
+    return (4 * n + 2 * kv) / num_devices
+  return 16 * n / num_devices
+
+
+def run_row(row_: dict, timeout: float) -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, "report.json")
+    argv = [sys.executable, "-m", "glmjax.cli.main", "compile", "--gin_file", row_["gin_file"],
+            "--topology", row_["topology"], "--num_slices", str(row_["num_slices"]),
+            "--step", row_["step"], "--json", out]
+    if row_["context"]:
+      argv += ["--context", str(row_["context"])]
+    for binding in row_["bindings"]:
+      argv += ["--gin", binding]
+    start = time.perf_counter()
+    try:
+      proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            check=False)
+    except subprocess.TimeoutExpired:
+      return {"name": row_["name"], "error": f"timed out after {timeout:.0f} s"}
+    wall = time.perf_counter() - start
+    if proc.returncode not in (0, 3) or not os.path.exists(out):
+      tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+      return {"name": row_["name"], "error": f"exit {proc.returncode}: {tail[0][:300]}"}
+    with open(out, encoding="utf-8") as f:
+      report = json.load(f)
+  report["name"], report["wall_s"] = row_["name"], round(wall, 1)
+  report["state_lower_bound_bytes"] = state_lower_bound(row_, report["num_devices"])
+  return report
+
+
+def table(reports: list) -> str:
+  lines = ["| preset / slice | topology | step, shape | args GiB | temps GiB | peak GiB | HBM GiB "
+           "| fits | lower bound GiB | compile s | MFU bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in reports:
+    if "error" in r:
+      lines.append(f"| {r['name']} | | | | | | | error: {r['error']} | | | |")
+      continue
+    m = r["per_device_bytes"]
+    lines.append(
+        f"| {r['name']} | {r['topology']} ({r['num_devices']} x {r['device_kind']}) | {r['step']} "
+        f"| {m['arguments'] / GiB:.2f} | {m['temporaries'] / GiB:.2f} | {m['peak'] / GiB:.2f} "
+        f"| {r['hbm_bytes_per_device'] / GiB:.2f} | {'yes' if r['fits'] else 'NO'} "
+        f"| {r['state_lower_bound_bytes'] / GiB:.2f} | {r['compile_s']:.0f} "
+        f"| {r['roofline']['mfu_bound']:.0%} ({r['roofline']['bound_by']}) |")
+  return "\n".join(lines)
+
+
+def main() -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--rows", nargs="*", default=None, help="row names (default: all); see --list")
+  p.add_argument("--list", action="store_true", help="print the row names and exit")
+  p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
+  p.add_argument("--json", default=None, help="also write the reports here")
+  args = p.parse_args()
+  if args.list:
+    print("\n".join(r["name"] for r in ROWS))
+    return 0
+  chosen = ROWS if not args.rows else [r for r in ROWS if r["name"] in args.rows]
+  unknown = set(args.rows or ()) - {r["name"] for r in ROWS}
+  if unknown:
+    print(f"unknown rows {sorted(unknown)}; see --list", file=sys.stderr)
+    return 2
+  reports = []
+  for r in chosen:
+    reports.append(run_row(r, args.timeout))
+    print(f"{r['name']}: done", file=sys.stderr, flush=True)
+  print(table(reports))
+  slim = [{k: v for k, v in r.items() if k != "collectives"} for r in reports]
+  print("RESULT_JSON: " + json.dumps(slim))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(reports, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
