@@ -146,3 +146,17 @@ def test_glm130b_blank_infilling_mixes_mask_positions_and_consecutive_gmask(gin_
           expected[i] = i
       np.testing.assert_array_equal(b["positions"], expected)
   assert {IDS.mask, IDS.gmask} <= kinds
+
+
+def test_unknown_prompt_layout_is_one_line_naming_the_field():
+  from glmjax.model import ModelConfig  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError) as info:
+    ModelConfig(prompt_layout="prefix_lm")
+  assert str(info.value) == ("ModelConfig.prompt_layout: 'prefix_lm' is not one of "
+                             "('glm', 'glm130b', 'causal')")
+
+
+def test_prompt_layout_is_identity_not_runtime():
+  from glmjax.model.config import RUNTIME_FIELDS, architecture_fields  # pylint: disable=import-outside-toplevel
+  assert "prompt_layout" not in RUNTIME_FIELDS
+  assert architecture_fields(presets.get("glm-130b"))["prompt_layout"] == "glm130b"
