@@ -172,7 +172,7 @@ class ChatGlm(Family):
   def tensors(self, c, mqa: bool = True):
     t = Tables(c)
     perm = layout_permutation(c.head_dim, c.rotary_dim, c.rope_layout, self.layout)
-    H, K, Dh, D, Fd = c.num_heads, c.num_kv_heads, c.head_dim, c.d_model, c.ffn_dim
+    D, Fd = c.d_model, c.ffn_dim
     a, m = ("layers", "attn"), ("layers", "mlp")
     maps = [t.embedding("transformer.embedding.word_embeddings.weight")]
     for i in range(c.num_layers):

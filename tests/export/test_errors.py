@@ -71,10 +71,10 @@ def test_import_refuses_unknown_model_types_and_rope_scaling(tmp_path):
 
   config = transformers.LlamaConfig(
       vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-      num_attention_heads=4, rope_parameters={"rope_type": "linear", "factor": 2.0,
+      num_attention_heads=4, rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                               "rope_theta": 10000.0})
   transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "scaled"))
-  with pytest.raises(ValueError, match="rope_type='linear'"):
+  with pytest.raises(ValueError, match="rope_type='dynamic'"):  # linear / yarn / llama3 import
     from_huggingface(str(tmp_path / "scaled"))
 
 
