@@ -10,9 +10,10 @@ Each is a `targets.Target` (tensor table + the ModelConfig of a config.json) who
 no remote code is run. References (the HF-hub files of THUDM's repositories):
 
   chatglm2/3, glm-4: THUDM/chatglm2-6b modeling_chatglm.py (mirrored in
-    bq-xiao/chatglm2-6b-model model/modeling_chatglm.py): RotaryEmbedding l.121-157
-    (dim = kv_channels // 2, theta = base^(-2i/dim), ChatGLM3-32k / GLM-4 base = 10000 *
-    rope_ratio), apply_rotary_pos_emb l.161-178 (interleaved pairs (2i, 2i+1) of the first
+    bq-xiao/chatglm2-6b-model modeling_chatglm.py at 3fcffc41): RotaryEmbedding l.121-157
+    (dim = kv_channels // 2, theta = base^(-2i/dim); ChatGLM3-6B-32k's and GLM-4-9B's
+    forward_impl set `base = base * self.rope_ratio`, rope_ratio=config.rope_ratio, e.g. as
+    adapted from THUDM/glm-4v-9b in optimum-habana), apply_rotary_pos_emb l.161-178 (interleaved pairs (2i, 2i+1) of the first
     rot_dim dims), SelfAttention l.313-457 (query_key_value = [q heads; k groups; v groups]
     under multi_query_attention, else [head, (q, k, v), hn]; kv group g serves query heads
     g*H/K .. (g+1)*H/K - 1), MLP l.459-503 (dense_h_to_4h = [gate; up], swiglu = silu(x[0]) *
