@@ -19,7 +19,8 @@ DEMO_OVERRIDES = [
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory):
-  from glmjax import config_gin, train  # pylint: disable=import-outside-toplevel
+  from glmjax import config_gin  # pylint: disable=import-outside-toplevel
+  from glmjax.cli import train  # pylint: disable=import-outside-toplevel
   workdir = tmp_path_factory.mktemp("demo_run")
   argv = ["--gin_file", "experiments/demo.gin", "--workdir", str(workdir)]
   for binding in DEMO_OVERRIDES:

@@ -2,7 +2,7 @@
 
 import json
 
-from glmjax import evaluate, generate
+from glmjax.cli import evaluate, generate
 from glmjax.evaluate import runner
 
 
