@@ -206,6 +206,9 @@ def iter_leaves(reader, config: ModelConfig, target: targets.Target):
     for tmap in group:
       for path, value in tmap.from_hf(reader.get(tmap.name)).items():
         spec = specs[path]
+        if path not in arrays and _adoptable(value, tmap.layer, spec.shape):
+          arrays[path], filled[path] = value, {"all"}  # a whole leaf this group owns: no copy
+          continue
         if path not in arrays:
           arrays[path], filled[path] = np.empty(spec.shape, value.dtype), set()
         slot = tmap.layer if tmap.layer is not None else ()
@@ -237,6 +240,13 @@ def iter_leaves(reader, config: ModelConfig, target: targets.Target):
   missing = sorted("/".join(p) for p in set(specs) - seen)
   if missing:
     raise AssertionError(f"params {missing} not written by the {target.name} table")
+
+
+def _adoptable(value, layer, shape) -> bool:
+  """A whole (unstacked) leaf in a fresh, writeable array of its own (e.g. the embedding merged
+  from tensor-parallel shards) is kept as it is instead of copied."""
+  return (layer is None and isinstance(value, np.ndarray) and value.shape == tuple(shape)
+          and value.flags.owndata and value.flags.writeable)
 
 
 def assemble(reader, config: ModelConfig, target: targets.Target) -> dict:
