@@ -6,8 +6,10 @@
 
 Each row runs `glmjax compile` (libtpu, no TPU) in its own process and reads its --json report:
 per-device GiB (arguments / temporaries / peak), fits, compile seconds and the roofline MFU
-bound. Alongside, the analytic lower bound on per-device state: (params + gradients + Adam's two
-moments) / devices, all in the param dtype (float32), i.e. 16 bytes a parameter. The training
+bound. Alongside, the analytic per-device state: (params + gradients + Adam's two moments) /
+devices, all in the param dtype (float32), i.e. 16 bytes a parameter (decode: params + KV cache).
+It is not a strict floor: XLA may never hold all gradients at once (each layer's update can
+follow its gradient inside the backward scan). The training
 shapes: bf16 compute over float32 params, full remat (`nothing_saveable`), Pallas flash
 attention (the Mosaic kernels), pure FSDP over the slice (MeshConfig.fsdp = -1), one sequence
 per chip unless noted. Prints a markdown table and a `RESULT_JSON:` line.
@@ -64,8 +66,8 @@ ROWS = [
 
 
 def state_lower_bound(row_: dict, num_devices: int) -> float:
-  """(params + grads + 2 Adam moments) in float32 over the devices; decode: bf16-free params +
-  the KV cache (k and v, layers x batch x context x kv_heads x head_dim, compute dtype)."""
+  """(params + grads + 2 Adam moments) in float32 over the devices; decode: float32 params +
+  the bf16 KV cache (k and v, layers x batch x context x kv_heads x head_dim)."""
   import jax  # pylint: disable=import-outside-toplevel
   from glmjax import config_gin  # pylint: disable=import-outside-toplevel
   from glmjax.model import is_spec, param_specs  # pylint: disable=import-outside-toplevel
@@ -76,7 +78,7 @@ def state_lower_bound(row_: dict, num_devices: int) -> float:
   n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(model), is_leaf=is_spec))
   if row_["step"] == "decode":
     kv = 2 * model.num_layers * row_["batch"] * row_["context"] * model.num_kv_heads * model.head_dim
-    return (4 * n + 2 * kv) / num_devices
+    return (4 * n + 2 * 2 * kv) / num_devices  # k and v, 2 bytes an element
   return 16 * n / num_devices
 
 
@@ -103,13 +105,15 @@ def run_row(row_: dict, timeout: float) -> dict:
     with open(out, encoding="utf-8") as f:
       report = json.load(f)
   report["name"], report["wall_s"] = row_["name"], round(wall, 1)
+  report["shape"] = (f"{row_['batch']} x 1 token, {row_['context']} cached" if row_["step"] == "decode"
+                     else f"{row_['batch']} x {row_['length']}")
   report["state_lower_bound_bytes"] = state_lower_bound(row_, report["num_devices"])
   return report
 
 
 def table(reports: list) -> str:
-  lines = ["| preset / slice | topology | step, shape | args GiB | temps GiB | peak GiB | HBM GiB "
-           "| fits | lower bound GiB | compile s | MFU bound |",
+  lines = ["| preset / slice | topology | step: batch x length | args GiB | temps GiB | peak GiB "
+           "| HBM GiB | fits | analytic state GiB | compile s | MFU bound |",
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in reports:
     if "error" in r:
@@ -117,7 +121,7 @@ def table(reports: list) -> str:
       continue
     m = r["per_device_bytes"]
     lines.append(
-        f"| {r['name']} | {r['topology']} ({r['num_devices']} x {r['device_kind']}) | {r['step']} "
+        f"| {r['name']} | {r['topology']} ({r['num_devices']} x {r['device_kind']}) | {r['step']}: {r['shape']} "
         f"| {m['arguments'] / GiB:.2f} | {m['temporaries'] / GiB:.2f} | {m['peak'] / GiB:.2f} "
         f"| {r['hbm_bytes_per_device'] / GiB:.2f} | {'yes' if r['fits'] else 'NO'} "
         f"| {r['state_lower_bound_bytes'] / GiB:.2f} | {r['compile_s']:.0f} "
