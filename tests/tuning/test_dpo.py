@@ -14,7 +14,8 @@ from glmjax.trainer import OptimizerConfig, TrainProgram
 from glmjax.tuning import dpo as dpo_lib
 from glmjax.tuning.dpo import DpoConfig, DpoProgram
 from glmjax.tuning.lora import LoraConfig, LoraTuning
-from tests.train.helpers import VOCAB, tiny_model
+from tests.train.helpers import tiny_model
+from tests.tuning.helpers import pair_batch
 
 CONFIG = tiny_model()
 VARIANTS = [DpoConfig(beta=0.1), DpoConfig(beta=0.5, label_smoothing=0.2), DpoConfig(beta=0.3, loss_type="ipo")]
@@ -53,24 +54,6 @@ def test_loss_and_gradients_equal_the_formula(config):
   rw, rl = config.beta * (args[0] - args[2]), config.beta * (args[1] - args[3])
   np.testing.assert_allclose(metrics["rewards_margin"], np.mean(rw - rl), rtol=1e-5)
   assert float(metrics["preference_accuracy"]) == np.mean(rw > rl)
-
-
-def pair_batch(pairs: int, seed: int = 0, length: int = 16, prompt: int = 6):
-  """Rows 2i / 2i+1: a prompt (a progression start) then, chosen, the progression continued,
-  rejected, random tokens; loss_mask on the response predictions."""
-  rng = np.random.default_rng(seed)
-  rows = []
-  for _ in range(pairs):
-    start, step = int(rng.integers(0, VOCAB - 2)), int(rng.integers(1, 4))
-    seq = (start + step * np.arange(length + 1)) % (VOCAB - 2) + 2
-    rejected = seq.copy()
-    rejected[prompt:] = rng.integers(2, VOCAB, length + 1 - prompt)
-    rows += [seq, rejected]
-  full = np.stack(rows).astype(np.int32)
-  mask = np.zeros((2 * pairs, length), np.float32)
-  mask[:, prompt - 1:] = 1.0
-  return {"tokens": full[:, :-1], "targets": full[:, 1:], "loss_mask": mask,
-          "segment_ids": np.ones((2 * pairs, length), np.int32)}
 
 
 def _lora_program(devices, mesh):
