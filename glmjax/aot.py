@@ -25,12 +25,13 @@ read once) and collective bytes over ICI / DCN (ring algorithms), so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import time
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -115,6 +116,19 @@ def topology_devices(name: str, num_slices: int = 1, verbose: bool = False) -> l
   devices = list(desc.devices)
   chip_spec(devices)
   return devices
+
+
+@contextlib.contextmanager
+def no_persistent_cache() -> Iterator[None]:
+  """JAX's persistent compilation cache off: TPU executables compiled without a TPU client
+  cannot be read back (the cache would warn and grow), and compile_s must be a real compile."""
+  import jax  # pylint: disable=import-outside-toplevel
+  before = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", before)
 
 
 def slice_index(device) -> int:
@@ -394,7 +408,8 @@ def compile_report(experiment, topology: str, *, num_slices: int = 1, step: str 
                      experiment.data.sequence_length, context or experiment.model.max_length)
   start = time.perf_counter()
   try:
-    compiled = lowered.compile()
+    with no_persistent_cache():
+      compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except  (JaxRuntimeError)
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise

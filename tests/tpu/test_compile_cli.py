@@ -156,3 +156,21 @@ def test_decode_step_arguments_are_params_plus_kv_cache(tmp_path):
   n -= 2 * cfg.max_length * cfg.d_model
   attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 256
   assert math.isclose(report["flops_per_step"], (2 * n + attention) * 16, rel_tol=1e-9)
+
+
+def test_eval_step_arguments_are_params_and_batch_only(tmp_path):
+  out = tmp_path / "eval.json"
+  assert run_cli(compile_args(SMALL_GLM, "--topology", "v5e:2x2", "--step", "eval",
+                              "--json", str(out))) == 0
+  report = json.loads(out.read_text())
+  mem = report["per_device_bytes"]
+  assert mem["arguments"] == hand_param_bytes_per_device(small_model_config()) + 7 * 8 * 128 * 4
+  assert mem["aliased"] == 0  # nothing donated
+  assert math.isclose(report["flops_per_step"] * 3, _train_flops(), rel_tol=1e-9)
+
+
+def _train_flops() -> float:
+  cfg = small_model_config()
+  n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=is_spec))
+  n -= 2 * cfg.max_length * cfg.d_model
+  return (6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128) * 16 * 128
