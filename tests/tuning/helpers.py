@@ -21,3 +21,20 @@ def pair_batch(pairs: int, seed: int = 0, length: int = 16, prompt: int = 6):
   mask[:, prompt - 1:] = 1.0
   return {"tokens": full[:, :-1], "targets": full[:, 1:], "loss_mask": mask,
           "segment_ids": np.ones((2 * pairs, length), np.int32)}
+
+
+def progression_batches(count: int, batch_size: int = 16, length: int = 32):
+  """Causal-LM batches of tests.train.helpers' arithmetic progressions (learnable in ~80 steps)."""
+  from tests.train.helpers import progression_examples  # pylint: disable=import-outside-toplevel
+  examples = progression_examples("train", count * batch_size)
+  out = []
+  for i in range(count):
+    tokens = np.zeros((batch_size, length + 1), np.int32)
+    mask = np.zeros((batch_size, length), np.float32)
+    for r, example in enumerate(examples[i * batch_size:(i + 1) * batch_size]):
+      example = example[:length + 1]
+      tokens[r, :len(example)] = example
+      mask[r, :len(example) - 1] = 1.0
+    out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
+                "segment_ids": (mask > 0).astype(np.int32)})
+  return out
