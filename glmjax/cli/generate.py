@@ -116,6 +116,9 @@ def text_generator(args, prog: str = "glmjax generate"):
   if args.vocab and not os.path.isfile(args.vocab):
     raise common.BadInput(f"--vocab {args.vocab} is not a file; give a SentencePiece .model file")
   loaded = common.load_checkpoint_params(args, prog)
+  if getattr(args, "quantize", "none") != "none":  # weight-only: int8 per channel, int4 = NF4 (QLoRA)
+    from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
+    loaded.params = quant.quantize_params(loaded.params, loaded.config, quant.CLI_KINDS[args.quantize])
   vocabulary = vocab_lib.GLMVocabulary(args.vocab) if args.vocab else vocab_lib.default_vocabulary()
   if vocabulary.vocab_size > loaded.config.vocab_size:
     raise common.BadInput(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
@@ -135,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--mode", choices=("auto", "blank", "gmask", "text", "raw", "chat"), default="auto")
   p.add_argument("--system", default=None, help="chat: system message")
   p.add_argument("--no_stream", action="store_true", help="print each answer when complete")
+  p.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                 help="weight-only quantized layer projections: int8 per output channel, int4 = NF4 "
+                      "blocks of 64 (QLoRA); the KV cache stays float")
   add_decoding_args(p, **SAMPLING_DEFAULTS)
   common.add_verbose_flag(p)
   return p

@@ -45,6 +45,7 @@ NF4_LEVELS = np.array([
 BLOCK = 64
 SCALE_BLOCK = 256
 KINDS = ("nf4", "int8")
+CLI_KINDS = {"int8": "int8", "int4": "nf4"}  # glmjax generate --quantize
 
 
 @dataclasses.dataclass

@@ -103,3 +103,13 @@ def test_loaded_run_is_the_base_with_the_adapters_merged(runs):
                              np.asarray(forward(adapted, batch, experiment.model)), atol=1e-5, rtol=0)
   assert np.abs(np.asarray(forward(loaded.params, batch, experiment.model))
                 - np.asarray(forward(base.params, batch, experiment.model))).max() > 1e-4
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_generate_runs_on_the_lora_run_with_quantized_weights(runs, quantize, capsys):
+  from glmjax.cli import generate as generate_cli
+  code = generate_cli.main(["--checkpoint", runs["straight"], "--prompt", "To be, or not",
+                            "--strategy", "greedy", "--max_new_tokens", "4", "--no_stream",
+                            "--quantize", quantize])
+  out = capsys.readouterr().out
+  assert code == 0 and out.startswith("### To be, or not"), out
