@@ -25,6 +25,15 @@ def _packed(x) -> bool:
   return hasattr(x, "dense") and not hasattr(x, "shape")
 
 
+def with_prefix(x_BLKD, prefix_PKD):
+  """x with its first P positions replaced by `prefix` (the same for every row): P-Tuning v2's
+  per-layer prefix keys / values, already position-encoded like a KV cache entry."""
+  B = x_BLKD.shape[0]
+  P = prefix_PKD.shape[0]
+  prefix = jnp.broadcast_to(prefix_PKD.astype(x_BLKD.dtype)[None], (B,) + prefix_PKD.shape)
+  return jnp.concatenate([prefix, x_BLKD[:, P:]], axis=1)
+
+
 def materialize(tree):
   """Weights held in another form (glmjax.tuning: a frozen base with LoRA adapters) as the
   dense arrays the layer functions read; plain arrays pass through. Called on one layer's slice

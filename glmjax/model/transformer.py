@@ -142,6 +142,8 @@ def project_out(p: dict, o_BLHD, config: ModelConfig):
 def attention_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
   q, k, v = project_qkv(p, x_BLD, config)
   q, k = encode_positions(q, k, ctx, config)
+  if "prefix_k" in p:  # P-Tuning v2 (glmjax.tuning.prefix): trained keys / values at the first positions
+    k, v = layers.with_prefix(k, p["prefix_k"]), layers.with_prefix(v, p["prefix_v"])
   o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
                        alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
   return project_out(p, o, config)
