@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from glmjax import pallas
+from glmjax.pallas import ring
 from glmjax.model import batch as batch_lib
 from glmjax.model import layers
 from glmjax.model import rope_scaling
@@ -243,9 +244,14 @@ def forward_with_aux(params: dict, batch: dict, config: ModelConfig) -> tuple[ja
   """Logits [B, L, V] (float32) and auxiliary outputs ({"moe_aux_loss": scalar})."""
   validate_batch(batch, config)
   batch = default_fields(batch)
+  context = ring.context_size()  # > 1: the sequence is split over devices, in zig-zag order
+  if context > 1:
+    ring.check_length(batch["tokens"].shape[1], context)
+    batch = {key: ring.to_zigzag(value, context) for key, value in batch.items()}
   ctx = position_context(batch, config)
   x = constrain(embed(params, batch, config), ACT_AXES)
   x, moe_aux = run_layers(params["layers"], x, ctx, config)
+  x = constrain(ring.from_zigzag(x, context), ACT_AXES)
   logits = logits_from_hidden(params, x, config)
   aux = {"moe_aux_loss": moe_aux / config.num_layers if config.num_experts else moe_aux}
   return logits, aux

@@ -57,6 +57,15 @@ def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="a
 
     return shard_kernel(kernel, q, k, v, segment_ids, bidirectional, alibi_slopes)
 
+  from glmjax.pallas import ring  # pylint: disable=import-outside-toplevel
+  if ring.context_size() > 1:  # the sequence is split over the `context` mesh axis
+    kernel = None  # "xla", "dense", "auto": blocks in XLA; "pallas": the ring's Pallas block kernel
+    if impl == "pallas":
+      cpu = kernel_options.get("interpret") or jax.default_backend() == "cpu"
+      kernel = "interpret" if cpu else "compiled"
+    return ring.ring_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
+                               alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"),
+                               kernel=kernel)
   args = (q, k, v, segment_ids, bidirectional, alibi_slopes)
   if resolve_impl(impl) == impl:
     return run(impl, *args)

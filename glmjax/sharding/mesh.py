@@ -1,9 +1,11 @@
-"""Device mesh from config: axes `data`, `fsdp`, `tensor`, `expert` (DESIGN.md section 4).
+"""Device mesh from config: axes `data`, `fsdp`, `stage`, `context`, `tensor`, `expert` (DESIGN.md s. 4).
 
     mesh = make_mesh(MeshConfig(data=-1, tensor=2))   # -1 fills the remaining devices
 
 `data` replicates params and splits the batch; `fsdp` splits the batch and
-shards params/optimizer state along `embed` (ZeRO-3 style); `tensor` shards
+shards params/optimizer state along `embed` (ZeRO-3 style); `stage` splits the stacked
+`layers` into pipeline stages (glmjax.trainer.pipeline); `context` splits the
+sequence (`length`; ring attention, glmjax.pallas.ring); `tensor` shards
 heads / mlp / vocab (Megatron style); `expert` shards MoE experts.
 
 Multi-slice pods (devices with several `slice_index` values, joined by the
@@ -24,13 +26,15 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 
-MESH_AXES = ("data", "fsdp", "tensor", "expert")
+MESH_AXES = ("data", "fsdp", "stage", "context", "tensor", "expert")
 
 # Logical axis name -> mesh axis (or axes), in order of precedence. A mesh axis
 # is used at most once per array (the first rule that claims it wins), so for
 # an activation [batch, length, embed] `batch` takes `fsdp` and `embed` stays whole.
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
+    ("length", "context"),
+    ("layers", "stage"),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -45,6 +49,8 @@ class MeshConfig:
   """Mesh axis sizes (one may be -1: all remaining devices) and the logical-axis rules."""
   data: int = -1
   fsdp: int = 1
+  stage: int = 1
+  context: int = 1
   tensor: int = 1
   expert: int = 1
   rules: tuple = DEFAULT_RULES
@@ -97,7 +103,7 @@ def resolve_dcn_sizes(config: MeshConfig, sizes: dict, slices: int) -> dict:
   data = slices // fsdp if config.dcn_data == -1 else config.dcn_data
   if data * fsdp != slices:
     raise ValueError(f"MeshConfig.dcn_data={data} x dcn_fsdp={fsdp} must equal the {slices} slices")
-  dcn = {"data": data, "fsdp": fsdp, "tensor": 1, "expert": 1}
+  dcn = {"data": data, "fsdp": fsdp, "stage": 1, "context": 1, "tensor": 1, "expert": 1}
   for name, parts in dcn.items():
     if sizes[name] % parts:
       raise ValueError(f"MeshConfig.{name}={sizes[name]} cannot span {parts} slices (dcn_{name}="

@@ -17,8 +17,8 @@ from tests.train.helpers import tiny_model
 
 
 def test_minus_one_fills_the_remaining_devices():
-  assert resolve_axis_sizes(MeshConfig(data=-1, tensor=2), 8) == {"data": 4, "fsdp": 1, "tensor": 2,
-                                                                   "expert": 1}
+  assert resolve_axis_sizes(MeshConfig(data=-1, tensor=2), 8) == {"data": 4, "fsdp": 1, "stage": 1,
+                                                                   "context": 1, "tensor": 2, "expert": 1}
   assert resolve_axis_sizes(MeshConfig(data=2, fsdp=-1, tensor=2), 8)["fsdp"] == 2
 
 
@@ -35,8 +35,8 @@ def test_mesh_that_does_not_fit_fails_clearly(config, devices, needle):
 
 def test_mesh_axes_and_device_count():
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  assert mesh.axis_names == ("data", "fsdp", "tensor", "expert")
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+  assert mesh.axis_names == ("data", "fsdp", "stage", "context", "tensor", "expert")
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "stage": 1, "context": 1, "tensor": 2, "expert": 1}
   assert sorted(d.id for d in mesh.devices.flat) == list(range(8))
 
 

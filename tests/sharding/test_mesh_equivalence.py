@@ -59,4 +59,5 @@ def test_activation_constraints_reach_the_compiled_step():
   with program.sharding_context():
     text = program._step.lower(program.abstract_state(), batch).as_text()  # pylint: disable=protected-access
   constraints = [line for line in text.splitlines() if "sharding_constraint" in line]
-  assert any('[{"data", "fsdp"}, {}, {}]' in line for line in constraints), constraints[:5]
+  # [batch, length, embed]: batch over data x fsdp, length over the (size-1) context axis
+  assert any('[{"data", "fsdp"}, {"context"}, {}]' in line for line in constraints), constraints[:5]

@@ -17,14 +17,15 @@ def test_hybrid_mesh_puts_the_data_axis_across_slices():
   devices = aot.topology_devices("v5e:2x2", num_slices=2)
   assert sorted({aot.slice_index(d) for d in devices}) == [0, 1]
   mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2), devices)
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2, "expert": 1}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "stage": 1, "context": 1, "tensor": 2,
+                              "expert": 1}
   for d in range(2):  # each data index is one whole slice: fsdp / tensor stay on ICI
     assert {aot.slice_index(x) for x in mesh.devices[d].flat} == {mesh.devices[d].flat[0].slice_index}
   assert mesh.devices[0].flat[0].slice_index != mesh.devices[1].flat[0].slice_index
 
   fsdp_over_dcn = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2, dcn_data=1, dcn_fsdp=2), devices)
   first_half = {aot.slice_index(x) for x in fsdp_over_dcn.devices[0, :2].flat}
-  assert len(first_half) == 1 and fsdp_over_dcn.devices[0, 2, 0, 0].slice_index not in first_half
+  assert len(first_half) == 1 and fsdp_over_dcn.devices[0, 2].flat[0].slice_index not in first_half
 
 
 @pytest.mark.parametrize("config,needle", [

@@ -1,0 +1,89 @@
+"""GPipe over the `stage` mesh axis: stage = 2 / 4 with 4 - 8 microbatches gives the unpipelined
+logits and gradients (1e-5, float32), also with fsdp = 2 (params sharded along embed inside
+each stage); bad schedules are one-line errors naming the field."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from glmjax.model import ModelConfig, forward, init_params
+from glmjax.sharding import DEFAULT_RULES, MeshConfig, activation_sharding, make_mesh, param_shardings
+from glmjax.trainer import pipeline
+
+CONFIG = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
+                     ffn_dim=48, max_length=16, position="rope_2d", attention_impl="xla")
+BATCH = 8
+
+
+def glm_batch(seed=0):
+  rng = np.random.default_rng(seed)
+  shape = (BATCH, 16)
+  idx = np.arange(16)[None]
+  seg = (np.where(idx < 5, 1, 2) * (idx < rng.integers(9, 17, (BATCH, 1)))).astype(np.int32)  # 2 packed + pad
+  bidi = (np.arange(16)[None] % 8 < 3).astype(np.int32) * (seg != 0)
+  return {"tokens": rng.integers(2, 61, shape).astype(np.int32) * (seg != 0),
+          "targets": rng.integers(2, 61, shape).astype(np.int32),
+          "loss_mask": ((seg != 0) & (bidi == 0)).astype(np.float32),
+          "segment_ids": seg, "bidirectional": bidi,
+          "positions": (np.arange(16)[None] % 8 * np.ones(shape)).astype(np.int32),
+          "block_positions": (np.arange(16)[None] % 8 >= 3).astype(np.int32) * np.ones(shape, np.int32)}
+
+
+def nll(logits, batch):
+  logp = jax.nn.log_softmax(logits)
+  token = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+  return jnp.sum(token * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
+
+
+@pytest.fixture(scope="module")
+def reference():
+  params = init_params(CONFIG, jax.random.key(0))
+  batch = glm_batch()
+  run = jax.jit(lambda p, b: (forward(p, b, CONFIG), jax.grad(lambda p: nll(forward(p, b, CONFIG), b))(p)))
+  return params, batch, jax.device_get(run(params, batch))
+
+
+@pytest.mark.parametrize("stage, fsdp, microbatches", [(2, 1, 4), (4, 1, 8), (4, 2, 4)])
+def test_gpipe_equals_the_unpipelined_model(reference, stage, fsdp, microbatches):
+  params, batch, (want_logits, want_grads) = reference
+  mesh = make_mesh(MeshConfig(data=8 // (stage * fsdp), fsdp=fsdp, stage=stage))
+  placed = jax.device_put(params, param_shardings(CONFIG, mesh, DEFAULT_RULES))
+  if fsdp > 1:
+    assert tuple(placed["layers"]["attn"]["wq"].sharding.spec)[:2] == ("stage", "fsdp")
+
+  def run(p, b):
+    logits = pipeline.forward_with_aux(p, b, CONFIG, microbatches=microbatches)[0]
+    grads = jax.grad(lambda p: nll(pipeline.forward_with_aux(p, b, CONFIG, microbatches=microbatches)[0], b))(p)
+    return logits, grads
+
+  with activation_sharding(mesh, DEFAULT_RULES):
+    assert pipeline.stage_count() == stage
+    got_logits, got_grads = jax.device_get(jax.jit(run)(placed, batch))
+  np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(got_grads)[0], jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_bubble_fraction_of_the_schedule():
+  """GPipe's idle fraction (S - 1) / (M + S - 1): the ticks a stage has no microbatch."""
+  for stages, microbatches in ((2, 4), (4, 8), (4, 4)):
+    ticks = microbatches + stages - 1
+    idle = sum(1 for s in range(stages) for t in range(ticks) if not 0 <= t - s < microbatches)
+    assert idle / (stages * ticks) == pytest.approx((stages - 1) / (microbatches + stages - 1))
+
+
+@pytest.mark.parametrize("stage, microbatches, config, message", [
+    (4, 2, CONFIG, "microbatches=2 is fewer than MeshConfig.stage=4"),
+    (4, 4, dataclasses.replace(CONFIG, num_layers=6), "MeshConfig.stage=4 must divide ModelConfig.num_layers=6"),
+    (2, 3, CONFIG, "microbatches=3 must divide the batch size 8"),
+])
+def test_bad_schedule_is_one_line(stage, microbatches, config, message):
+  mesh = make_mesh(MeshConfig(data=8 // stage, stage=stage))
+  params = init_params(config, jax.random.key(0))
+  with activation_sharding(mesh, DEFAULT_RULES), pytest.raises(ValueError) as err:
+    jax.jit(lambda p, b: pipeline.forward_with_aux(p, b, config, microbatches=microbatches)).lower(
+        params, glm_batch())
+  assert str(err.value).startswith(message) and "\n" not in str(err.value)
