@@ -150,6 +150,7 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s(" + "|".join(COLL
 # send(...), is_host_transfer=true, frontend_attributes={..._xla_megascale_transfer_type="ALL_REDUCE"}
 _MEGASCALE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\ssend\(.*"
                         r"_xla_megascale_transfer_type=\"([A-Z_]+)\"")
+_MEGASCALE_KINDS = {"ONE_TO_ONE": "collective-permute"}
 # Bytes a ring algorithm moves per device, as a multiple of the result's bytes, for group size n.
 _WIRE = {"all-reduce": lambda n: 2.0 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
          "all-to-all": lambda n: (n - 1) / n, "reduce-scatter": lambda n: float(n - 1),
@@ -278,7 +279,7 @@ def parse_collectives(hlo: str, slice_of: Sequence[int], num_devices: int) -> di
       if not m:
         dcn = _MEGASCALE.match(line)
         if dcn:  # a cross-slice collective: a host-transfer send to the megascale runtime
-          kind = dcn.group(2).lower().replace("_", "-")
+          kind = _MEGASCALE_KINDS.get(dcn.group(2), dcn.group(2).lower().replace("_", "-"))
           first = _SHAPE.search(dcn.group(1))
           nbytes = shape_bytes(first.group(0)) if first else 0
           seen[("dcn", comp, line)] = dict(kind=kind, bytes=nbytes, times=times, groups=None)
