@@ -23,8 +23,9 @@ EXIT_DOES_NOT_FIT = 3
 
 EPILOG = """\
 Topologies: GENERATION:CHIPS as libtpu names them, e.g. v5e:2x2 (v5e-4), v5e:4x4 (v5e-16),
-v5p:2x2x2 (v5p-16 cores, 8 chips), v4:2x2x2, v6e:2x2; --num_slices N joins N such slices over
-DCN (MeshConfig.dcn_data: the data-parallel degree across slices, default all of them).
+v5p:2x2x2 (v5p-16: 8 chips), v4:2x2x2 (libtpu describes v4 per TensorCore, 2 devices a chip),
+v6e:2x2; --num_slices N joins N such slices over DCN (MeshConfig.dcn_data / dcn_fsdp: how many
+slices the data / fsdp axes span; by default data spans all of them).
 JSON keys: fits, per_device_bytes {arguments, temporaries, outputs, aliased, peak},
 hbm_bytes_per_device, num_devices, compile_s, flops_per_step, collectives, roofline.
 Exit codes: 0 fits, 3 does not fit the chip's HBM, 2 bad input (unknown topology, a mesh
