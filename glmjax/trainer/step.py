@@ -10,7 +10,8 @@ Loss: token cross-entropy weighted by `loss_mask`, divided by the number of
 counted tokens in the whole (global) batch, plus `z_loss` * mean(log Z^2) and
 the model's MoE auxiliary loss. With `microbatches` > 1 the batch is split
 into interleaved microbatches whose gradients are summed, each already divided
-by the big batch's token count, so the update equals the big batch's.
+by the big batch's token count, so the update equals the big batch's. With a `stage` mesh
+axis > 1 the microbatches are GPipe's instead (glmjax.trainer.pipeline): the same update.
 Non-finite loss or gradient norm: the update is skipped (params and optimizer
 state kept) and counted.
 """
@@ -33,6 +34,7 @@ from glmjax.model.batch import dtype_of as batch_dtype
 from glmjax.model.constraints import constrain
 from glmjax.trainer import loss as loss_lib
 from glmjax.trainer import optim
+from glmjax.trainer import pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +63,9 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
 
 
 def loss_and_sums(params, batch: dict, model_config: ModelConfig, total_weight, z_loss: float,
-                  aux_scale: float):
+                  aux_scale: float, forward=forward_with_aux):
   """(objective, sums): objective = (nll + z * z_sum) / total_weight + aux_scale * moe_aux."""
-  logits, aux = forward_with_aux(params, batch, model_config)
+  logits, aux = forward(params, batch, model_config)
   sums = loss_lib.token_loss_sums(logits, batch["targets"], batch["loss_mask"])
   moe = aux["moe_aux_loss"]
   weight = model_config.router_aux_loss_weight if model_config.num_experts else 0.0
@@ -76,6 +78,9 @@ def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepC
   total_weight = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
   grad_fn = jax.grad(loss_and_sums, has_aux=True)
   m = step_config.microbatches
+  if pipeline.stage_count() > 1:  # the microbatches flow through the `stage` axis (GPipe)
+    forward = functools.partial(pipeline.forward_with_aux, microbatches=m)
+    return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0, forward)
   if m == 1:
     return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0)
 

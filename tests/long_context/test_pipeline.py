@@ -87,3 +87,26 @@ def test_bad_schedule_is_one_line(stage, microbatches, config, message):
     jax.jit(lambda p, b: pipeline.forward_with_aux(p, b, config, microbatches=microbatches)).lower(
         params, glm_batch())
   assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_train_step_with_stages_equals_one_device():
+  """TrainProgram on stage=2 x fsdp=2 x data=2: TrainerConfig.microbatches are GPipe's; one step
+  gives the loss and params of the one-device step with 2 accumulated microbatches."""
+  from glmjax.trainer import OptimizerConfig, StepConfig, TrainProgram  # pylint: disable=import-outside-toplevel
+  optimizer = OptimizerConfig(learning_rate=3e-3, schedule="constant", grad_clip_norm=1.0)
+
+  def one_step(mesh_config, devices=None):
+    program = TrainProgram(CONFIG, optimizer, mesh_config, num_steps=1, global_batch_size=BATCH,
+                           step_config=StepConfig(microbatches=2), devices=devices)
+    if mesh_config.stage > 1:  # the step runs the GPipe clock: activations are ppermuted
+      with program.sharding_context():
+        text = program._step.lower(program.abstract_state(), program.global_batch(glm_batch(seed=2))).as_text()  # pylint: disable=protected-access
+      assert "collective_permute" in text
+    state, metrics = program.train_step(program.init_state(seed=0), glm_batch(seed=2))
+    return float(metrics["loss"]), jax.device_get(state["params"])
+
+  want_loss, want = one_step(MeshConfig(data=1), devices=jax.devices()[:1])
+  got_loss, got = one_step(MeshConfig(data=2, fsdp=2, stage=2))
+  assert got_loss == pytest.approx(want_loss, rel=1e-6)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
