@@ -1,5 +1,7 @@
-"""Post-training: LoRA adapters as a transform of the param spec tree (lora.py), PEFT-format
-adapters (glmjax/export/peft.py).
+"""Post-training: LoRA adapters as a transform of the param spec tree (lora.py; PEFT-format
+adapters in glmjax/export/peft.py), NF4 / int8 weight quantization and QLoRA (quant.py),
+P-Tuning v2 prefixes (prefix.py), DPO / cDPO / IPO (dpo.py; preference pairs in
+glmjax/tasks/preference.py) and a Bradley-Terry reward model (reward.py).
 
 Why not a maintained JAX library: qwix (Google's quantization / LoRA library, PyPI 0.1.8) and
 aqtp (AQT, 0.9.0) both work by intercepting `dot_general` / `einsum` inside Flax Linen or NNX
