@@ -478,10 +478,13 @@ class GLMJaxForCausalLM(_Base):
   def _build(self, config: GLMJaxConfig, dtype):
     D, V = config.d_model, config.vocab_size
     embed = {"embedding": (V, D)}
+    # GLM's 2D tables have max_length + 1 rows (THUDM/GLM mpu/transformer.py lines 697-699);
+    # glmjax.model.ModelConfig.position_table_rows says the same.
+    rows = config.max_length + 1 if config.position == "learned_2d" else config.max_length
     if config.position in ("learned", "learned_2d"):
-      embed["position"] = (config.max_length, D)
+      embed["position"] = (rows, D)
     if config.position == "learned_2d":
-      embed["block_position"] = (config.max_length, D)
+      embed["block_position"] = (rows, D)
     self.embed = ParamGroup(embed, dtype)
     if config.embed_norm:
       self.embed_norm = ParamGroup(norm_shapes(config), dtype)

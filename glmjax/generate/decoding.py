@@ -158,7 +158,7 @@ def check_prompt_ids(chunk: dict, config: ModelConfig, total_length: int, max_bl
     raise ValueError(f"prompt + generated tokens need {total_length} cache slots, more than "
                      f"ModelConfig.max_length={config.max_length}; shorten the prompt or lower "
                      "max_new_tokens")
-  if config.position == "learned_2d" and max_block_position >= config.max_length:
+  if config.position == "learned_2d" and max_block_position >= config.position_table_rows:
     raise ValueError(f"block positions up to {max_block_position} exceed the learned table "
                      f"(max_length={config.max_length}); lower max_new_tokens")
 

@@ -82,15 +82,17 @@ def check_ids(batch: dict, model_config) -> None:
   if model.uses_learned_positions:
     fix = ("raise ModelConfig.max_length above DataConfig.sequence_length (GLM block positions "
            "reach the span length + 1) or shorten the sequences")
-    ranges.append(("positions", model.max_length, "ModelConfig.max_length", fix))
+    ranges.append(("positions", model.position_table_rows, "ModelConfig.max_length", fix))
     if model.position == "learned_2d":
-      ranges.append(("block_positions", model.max_length, "ModelConfig.max_length", fix))
+      ranges.append(("block_positions", model.position_table_rows, "ModelConfig.max_length", fix))
   for key, limit, field, fix in ranges:
     if key not in batch:
       continue
     low, high = int(batch[key].min()), int(batch[key].max())
     if low < 0 or high >= limit:
-      raise ValueError(f"batch[{key!r}] has ids in [{low}, {high}] but {field}={limit}; {fix}")
+      value = getattr(model, field.split(".")[1])
+      raise ValueError(f"batch[{key!r}] has ids in [{low}, {high}], outside [0, {limit}) "
+                       f"({field}={value}); {fix}")
 
 
 def may_attend(q_segment_ids, k_segment_ids, k_bidirectional, q_index, k_index):

@@ -175,6 +175,16 @@ class ModelConfig:
     return self.position in ("learned", "learned_2d")
 
   @property
+  def position_table_rows(self) -> int:
+    """Rows of the learned position tables: GLM's 2D tables (position and block position) have
+    max_length + 1 rows (THUDM/GLM mpu/transformer.py, GPT2ParallelTransformer.__init__, lines
+    697-699: `torch.nn.Embedding(max_sequence_length + 1, hidden_size)` for both when
+    block_position_encoding, with max_sequence_length = --max-position-embeddings, train_utils.py
+    line 96); a 1D learned table (GPT-2 `wpe`, GLM without block positions, line 702) has
+    max_length."""
+    return self.max_length + 1 if self.position == "learned_2d" else self.max_length
+
+  @property
   def has_final_norm(self) -> bool:
     """Post-LN normalises after every sublayer already (original Transformer)."""
     return self.norm_placement != "post"

@@ -122,10 +122,10 @@ def param_specs(config: ModelConfig) -> dict:
   V, D = config.vocab_size, config.d_model
   embed = {"embedding": ParamSpec((V, D), ("vocab", "embed"), _normal(config.init_std), dtype)}
   if config.uses_learned_positions:
-    embed["position"] = ParamSpec((config.max_length, D), (None, "embed"),
+    embed["position"] = ParamSpec((config.position_table_rows, D), (None, "embed"),
                                   _normal(config.init_std), dtype)
   if config.position == "learned_2d":
-    embed["block_position"] = ParamSpec((config.max_length, D), (None, "embed"),
+    embed["block_position"] = ParamSpec((config.position_table_rows, D), (None, "embed"),
                                         _normal(config.init_std), dtype)
   specs = {"embed": embed}
   if config.embed_norm:

@@ -82,7 +82,7 @@ def test_check_ids_passes_an_in_range_batch():
 def test_check_ids_names_vocab_size(key, value):
   batch = _id_batch()
   batch[key][0, 3] = value
-  with pytest.raises(ValueError, match=rf"batch\['{key}'\].*ModelConfig.vocab_size=128; set vocab_size"):
+  with pytest.raises(ValueError, match=rf"batch\['{key}'\].*ModelConfig.vocab_size=128\); set vocab_size"):
     batch_lib.check_ids(batch, presets.get("tiny-glm"))
 
 
@@ -90,8 +90,8 @@ def test_check_ids_names_vocab_size(key, value):
 def test_check_ids_names_max_length_for_learned_tables(key):
   config = dataclasses.replace(presets.get("tiny-glm"), max_length=8)
   batch = _id_batch()
-  batch[key][0, -1] = 8  # a full-row Part B reaches span length + 1
-  with pytest.raises(ValueError, match=rf"batch\['{key}'\] has ids in \[0, 8\].*ModelConfig.max_length=8"):
+  batch[key][0, -1] = 9  # GLM's 2D tables have max_length + 1 rows: 9 is the first id past them
+  with pytest.raises(ValueError, match=rf"batch\['{key}'\] has ids in \[0, 9\], outside \[0, 9\).*ModelConfig.max_length=8"):
     batch_lib.check_ids(batch, config)
 
 

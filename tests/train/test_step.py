@@ -111,7 +111,7 @@ def test_token_ids_outside_the_vocabulary_fail_clearly():
                           trainer=TrainerConfig(num_steps=1, progress_bar=False, eval_at_end=False, plot=False,
                                                 peak_flops_per_device=1e9),
                           checkpoint=CheckpointConfig(save_every=0))
-  with pytest.raises(ValueError, match=r"batch\['tokens'\] has ids in \[0, 99\] but ModelConfig.vocab_size=64"):
+  with pytest.raises(ValueError, match=r"batch\['tokens'\] has ids in \[0, 99\], outside \[0, 64\) \(ModelConfig.vocab_size=64\)"):
     train(experiment, train_data=lambda: batches)
 
 
