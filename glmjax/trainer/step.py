@@ -73,10 +73,25 @@ def loss_and_sums(params, batch: dict, model_config: ModelConfig, total_weight, 
   return objective, {**sums, "moe_aux_sum": moe * aux_scale}
 
 
+def float_grad(fn):
+  """jax.grad(fn, has_aux=True) over the floating-point leaves of the first argument; integer
+  leaves (a quantized frozen base, glmjax.tuning.quant) get zero gradients of their own dtype."""
+  def wrapped(params, *args):
+    leaves, treedef = jax.tree.flatten(params)
+    floats = [x if jnp.issubdtype(x.dtype, jnp.inexact) else None for x in leaves]
+
+    def of_floats(fl, *rest):
+      return fn(jax.tree.unflatten(treedef, [x if f is None else f for f, x in zip(fl, leaves)]), *rest)
+    grads, aux = jax.grad(of_floats, has_aux=True)(floats, *args)
+    return jax.tree.unflatten(treedef, [jnp.zeros_like(x) if g is None else g
+                                        for g, x in zip(grads, leaves)]), aux
+  return wrapped
+
+
 def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepConfig):
   """(grads, sums) of the whole batch, accumulated over microbatches when asked."""
   total_weight = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
-  grad_fn = jax.grad(loss_and_sums, has_aux=True)
+  grad_fn = float_grad(loss_and_sums)
   m = step_config.microbatches
   if pipeline.stage_count() > 1:  # the microbatches flow through the `stage` axis (GPipe)
     forward = functools.partial(pipeline.forward_with_aux, microbatches=m)

@@ -53,6 +53,7 @@ class LoraConfig:
   targets: tuple = ("wq", "wv")  # projection names, or ("all",): every projection incl. the MLP
   base_checkpoint: str = ""  # run directory of the base; "": base initialised from TrainerConfig.seed
   base_step: int = -1  # step of base_checkpoint; -1: its newest
+  quantize: str = ""  # QLoRA: "nf4" or "int8" base (glmjax.tuning.quant), "": float base
 
   @property
   def enabled(self) -> bool:
@@ -75,6 +76,8 @@ def validate(lora: LoraConfig) -> None:
     unknown = [t for t in targets if t not in PROJECTIONS]
     if unknown:
       raise ValueError(f"LoraConfig.targets: {unknown} not among {sorted(PROJECTIONS)} or ('all',)")
+  if lora.quantize not in ("", "nf4", "int8"):
+    raise ValueError(f"LoraConfig.quantize={lora.quantize!r} is not '', 'nf4' or 'int8'")
 
 
 def target_names(lora: LoraConfig) -> tuple:
@@ -242,12 +245,30 @@ class LoraTuning:
     """Adapters around `base` (the loaded base params), or around init_params(config, rng)."""
     if base is None:
       base = init_params(self.model_config, rng)
+    if self.lora.quantize:  # QLoRA: the frozen base stored quantized
+      from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
+      base = quant.quantize_params(base, self.model_config, self.lora.quantize)
     return apply_lora(base, self.model_config, self.lora, rng)
 
   def param_shardings(self, mesh, rules) -> dict:
+    """Adapters and float leaves by their logical axes; quantized arrays replicated."""
     from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
-    return jax.tree.map(lambda s: NamedSharding(mesh, shd.logical_to_spec(s.axes, rules, mesh)),
-                        self.specs, is_leaf=is_spec)
+    from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
+    by_axes = lambda s: NamedSharding(mesh, shd.logical_to_spec(s.axes, rules, mesh))  # noqa: E731
+    if not self.lora.quantize:
+      return jax.tree.map(by_axes, self.specs, is_leaf=is_spec)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(shape, spec):
+      if isinstance(shape, dict):
+        return {k: place(v, spec[k]) for k, v in shape.items()}
+      if is_lora(shape):
+        return dataclasses.replace(shape, base=place(shape.base, spec.base), a=by_axes(spec.a),
+                                   b=by_axes(spec.b))
+      if quant.is_quantized(shape):
+        return jax.tree.map(lambda _: replicated, shape)
+      return by_axes(spec)
+    return place(jax.eval_shape(self.init_params, jax.random.PRNGKey(0)), self.specs)
 
   def wrap_optimizer(self, optimizer):
     return freeze_base(optimizer)

@@ -121,3 +121,21 @@ def test_absent_projection_is_named():
   with pytest.raises(ValueError, match="LoraConfig.targets: \\['w_gate'\\]"):
     lora_lib.lora_specs(dataclasses.replace(CONFIG, ffn="gelu"),
                        LoraConfig(rank=2, targets=("w_gate",)))
+
+
+def test_qlora_steps_on_the_fsdp_by_tensor_mesh_keep_the_base_quantized():
+  from glmjax.tuning import quant
+  qlora = LoraConfig(rank=4, alpha=8.0, targets=("all",), quantize="nf4")
+  program = TrainProgram(CONFIG, OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+                         MeshConfig(data=1, fsdp=4, tensor=2), num_steps=3, global_batch_size=8,
+                         tuning=LoraTuning(CONFIG, qlora))
+  state = program.init_state(0)
+  codes = np.asarray(state["params"]["layers"]["mlp"]["w_up"].base.codes)
+  losses = []
+  for batch in BATCHES:
+    state, metrics = program.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  w_up = state["params"]["layers"]["mlp"]["w_up"]
+  assert quant.is_quantized(w_up.base) and w_up.base.codes.dtype == np.uint8
+  np.testing.assert_array_equal(np.asarray(w_up.base.codes), codes)
+  assert losses[-1] < losses[0] and np.any(np.asarray(w_up.b) != 0)

@@ -40,7 +40,7 @@ def run(gin_file, workdir, steps, extra=()):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("lora")
-  paths = {name: str(root / name) for name in ("base", "straight", "resumed")}
+  paths = {name: str(root / name) for name in ("base", "straight", "resumed", "qlora")}
   old = os.getcwd()
   os.chdir(REPO)
   try:
@@ -49,6 +49,7 @@ def runs(tmp_path_factory):
     assert run("experiments/lora_llama_small.gin", paths["straight"], STEPS, lora) == 0
     assert run("experiments/lora_llama_small.gin", paths["resumed"], STEPS // 2, lora) == 0
     assert run("experiments/lora_llama_small.gin", paths["resumed"], STEPS, lora) == 0
+    assert run("experiments/qlora_llama_small.gin", paths["qlora"], 2, lora) == 0
     yield paths
   finally:
     os.chdir(old)
@@ -113,3 +114,23 @@ def test_generate_runs_on_the_lora_run_with_quantized_weights(runs, quantize, ca
                             "--quantize", quantize])
   out = capsys.readouterr().out
   assert code == 0 and out.startswith("### To be, or not"), out
+
+
+def test_qlora_run_saves_adapters_only_and_loads_merged(runs):
+  paths = _saved_param_paths(runs["qlora"], 2)
+  assert len(paths) == 2 * 7 and all(p.endswith(("/a", "/b")) for p in paths), paths
+  losses = _losses(runs["qlora"])
+  assert sorted(losses) == [1, 2] and all(np.isfinite(v) for v in losses.values())
+  loaded = load_lib.load_params(runs["qlora"])
+  assert loaded.experiment.lora.quantize == "nf4"
+  from glmjax.tuning import quant
+  base = load_lib.load_params(runs["base"])
+  adapted = lora_lib.restore_lora_params(loaded.workdir.checkpoints, 2, loaded.experiment, loaded.mesh,
+                                         loaded.rules)
+  wq = adapted["layers"]["attn"]["wq"]
+  assert quant.is_quantized(wq.base)  # the base is re-quantized from the base run, not stored
+  float_wq = np.asarray(base.params["layers"]["attn"]["wq"])
+  # NF4 error: at most half the widest level gap (0.139) of a block absmax
+  assert np.abs(np.asarray(wq.base.dense()) - float_wq).max() <= 0.15 * np.abs(float_wq).max()
+  np.testing.assert_allclose(np.asarray(loaded.params["layers"]["attn"]["wq"]), np.asarray(wq.dense()),
+                             atol=1e-6)
