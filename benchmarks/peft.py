@@ -9,8 +9,8 @@ Each method runs in its own process (peak RSS is that process's): 2 warmup + `--
 steps on fresh random tokens, float32, batch 8 x seq 256, AdamW lr 1e-4 (no weight decay on
 adapters). LoRA / QLoRA: every projection (q, k, v, o, gate, up, down), alpha 16, dropout 0.
 glmjax full and LoRA run the trainer's step (TrainProgram, 1 device); QLoRA and P-Tuning v2 a
-jitted step that differentiates the adapters / prefix only (TrainProgram cannot yet take a
-quantized base: jax.grad refuses the integer codes). peft: `get_peft_model` on
+jitted step that differentiates the adapters / prefix only (`glmjax train` runs QLoRA through
+TrainProgram too: LoraConfig.quantize, experiments/qlora_llama_small.gin). peft: `get_peft_model` on
 LlamaForCausalLM loaded from glmjax's HF export of the same params, torch.optim.AdamW.
 Reported: median step time, trainable parameters, peak RSS, the NF4 / float32 bytes of the
 base's projections. Last line: RESULT_JSON.
