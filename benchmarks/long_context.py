@@ -42,6 +42,25 @@ def peak_bytes(length: int, context: int, impl: str) -> tuple[dict, float]:
   return aot.per_device_bytes(compiled.memory_analysis()), time.perf_counter() - start
 
 
+def attention_temp_bytes(length: int, context: int) -> int:
+  """Temporaries of grad(sum(attention)) alone (q [1, L, 4, 64], k = v [1, L, 2, 64], float32,
+  one bidirectional segment), impl="dense"; ring attention when context > 1."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from glmjax import pallas  # pylint: disable=import-outside-toplevel
+  from glmjax.sharding import DEFAULT_RULES, activation_sharding, make_mesh  # pylint: disable=import-outside-toplevel
+  spec = jax.ShapeDtypeStruct
+  args = (spec((1, length, 4, 64), jnp.float32), spec((1, length, 2, 64), jnp.float32),
+          spec((1, length), jnp.int32))
+
+  def loss(q, k, seg):
+    return jnp.sum(pallas.attention(q, k, k, segment_ids=seg, bidirectional=seg, impl="dense"))
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  if context == 1:
+    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+  with activation_sharding(make_mesh(MeshConfig(data=1, context=context)), DEFAULT_RULES):
+    return int(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
@@ -55,6 +74,12 @@ def main():
     eight, _ = peak_bytes(length, 8, args.impl)
     print(f"| {length} | {mib(one['peak'])} | {mib(eight['peak'])} | {one['peak'] / eight['peak']:.1f}x "
           f"| {mib(eight['temporaries'])} |", flush=True)
+  print()
+  print("| L | attention op alone, context=1 temp MiB | context=8 (ring) temp MiB per device | ratio |")
+  print("|---|---|---|---|")
+  for length in args.lengths:
+    one, eight = attention_temp_bytes(length, 1), attention_temp_bytes(length, 8)
+    print(f"| {length} | {mib(one)} | {mib(eight)} | {one / eight:.0f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="a
       kernel = "interpret" if cpu else "compiled"
     return ring.ring_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
                                alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"),
-                               kernel=kernel)
+                               kernel=kernel, block_k=kernel_options.get("block_k"))
   args = (q, k, v, segment_ids, bidirectional, alibi_slopes)
   if resolve_impl(impl) == impl:
     return run(impl, *args)

@@ -13,8 +13,11 @@ MLP and loss run on each device's chunk. Attention is the one op that mixes posi
   Dao et al. 2022, eq. in sec. 3.1): m' = max(m, m_b), l' = l e^(m - m') + l_b e^(m_b - m'),
   o' = o e^(m - m') + o_b e^(m_b - m'); the output is o / l. Blocks with no visible pair are
   skipped (`lax.cond`). ALiBi adds slope * (j - i) on global indices; GQA groups query heads
-  as glmjax.pallas.reference. Gradients are autodiff through the ring (the transpose of a
-  ppermute is the reverse ppermute), exact like the forward.
+  as glmjax.pallas.reference. The backward (custom VJP) is a second trip around the ring:
+  only q, k, v, the output and the row log-sum-exp are kept from the forward; each block's
+  probabilities are recomputed as e^(s - lse) (FlashAttention-2's backward, Dao 2023), dq
+  accumulates locally and each key chunk's dk / dv travel with it, c hops, back to its owner;
+  memory per device is O(L / c) plus one block.
 
 Causal load balancing (zig-zag, as Megatron-LM's context parallelism / Brandon et al. 2023
 "Striped Attention" for the idea): the sequence is cut into 2c chunks and device r holds
@@ -40,6 +43,8 @@ from glmjax.model.batch import may_attend
 CONTEXT_AXIS = "context"
 F32 = jnp.float32
 NEG = -1e30  # running max of a row that has seen no key: finite, so e^(m - m') never makes NaN
+DEFAULT_BLOCK_K = 512  # key tile of the XLA blocks
+BIG = 1e30  # log-sum-exp of a row with no visible key: e^(s - BIG) = 0 in the backward
 
 
 def _mesh_axes(logical_name: str, rules) -> tuple:
@@ -171,48 +176,58 @@ def _block_pallas_forward(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5,
   return o, m.reshape(b, kv, g, n), l.reshape(b, kv, g, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(9, 10))
-def _block_pallas(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret):
-  return _block_pallas_forward(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret)
+def _skip_if_masked(fn, q_seg, q_idx, k_seg, k_bidi, k_idx, zeros):
+  """fn() when some (query, key) pair of the block may attend, else `zeros()` (lax.cond)."""
+  return jax.lax.cond(jnp.any(_visible(q_seg, q_idx, k_seg, k_bidi, k_idx)), lambda _: fn(),
+                      lambda _: zeros(), None)
 
 
-def _block_pallas_fwd(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret):
-  out = _block_pallas_forward(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret)
-  return out, (q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5)
+def _combine(acc, new):
+  """Online softmax: folds a block's (o, m, l) into the running (o, m, l)."""
+  (o, m, l), (o_b, m_b, l_b) = acc, new
+  m_new = jnp.maximum(m, m_b)
+  a, a_b = jnp.exp(m - m_new), jnp.exp(m_b - m_new)
+  return o * _to_rows(a) + o_b * _to_rows(a_b), m_new, l * a + l_b * a_b
 
 
-def _block_pallas_bwd(scale, interpret, residuals, cotangents):
-  """The block's gradient by recomputing it in XLA (the same function; m carries none)."""
-  del interpret
-  q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5 = residuals
-  d_o, _, d_l = cotangents
-  fn = lambda q5, k, v, sl: _block_xla(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, sl, scale)  # noqa: E731
-  _, vjp = jax.vjp(fn, q5, k, v, slopes5)
-  dq, dk, dv, dslopes = vjp((d_o, jnp.zeros_like(d_l), d_l))
-  return dq, dk, dv, None, None, None, None, None, dslopes
+def _empty_stats(q5):
+  b, n, kv, g, d = q5.shape
+  return (jnp.zeros((b, n, kv, g, d), F32), jnp.full((b, kv, g, n), NEG, F32),
+          jnp.zeros((b, kv, g, n), F32))
 
 
-_block_pallas.defvjp(_block_pallas_fwd, _block_pallas_bwd)
+def _tile_size(length: int, tile: int) -> int:
+  return tile if 0 < tile < length and length % tile == 0 else length
 
 
-def _block(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret):
-  """A block, skipped (zeros, m = NEG) when no (query, key) pair of it may attend; in XLA when
-  `interpret` is None, else the Pallas kernel (interpret mode or compiled)."""
-  def compute(_):
-    if interpret is None:
-      return _block_xla(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale)
-    return _block_pallas(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret)
-
-  def skip(_):
-    b, n, kv, g, d = q5.shape
-    return (jnp.zeros((b, n, kv, g, d), F32), jnp.full((b, kv, g, n), NEG, F32),
-            jnp.zeros((b, kv, g, n), F32))
-
-  return jax.lax.cond(jnp.any(_visible(q_seg, q_idx, k_seg, k_bidi, k_idx)), compute, skip, None)
+def _key_tile(j, size, *xs):
+  """Key tile j (rows j*size ...) of [b, m, ...] arrays and of the [m] index (last)."""
+  *arrays, k_idx = xs
+  return ([jax.lax.dynamic_slice_in_dim(x, j * size, size, axis=1) for x in arrays]
+          + [jax.lax.dynamic_slice_in_dim(k_idx, j * size, size, axis=0)])
 
 
-def _ring_local(q, k, v, seg, bidi, slopes, *, context: int, scale: float, interpret):
-  """Per-device body under shard_map: local q [b, n, H, d], k/v [b, n, K, d], masks [b, n]."""
+def _block(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret, tile):
+  """A block's (o, m, l): in XLA over key tiles of `tile` rows (one tile's scores live at a time,
+  tiles with no visible pair skipped) when `interpret` is None, else the Pallas kernel on the
+  whole block (interpret mode or compiled), skipped when nothing in it is visible."""
+  if interpret is not None:
+    fn = lambda: _block_pallas_forward(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5,  # noqa: E731
+                                       scale, interpret)
+    return _skip_if_masked(fn, q_seg, q_idx, k_seg, k_bidi, k_idx, lambda: _empty_stats(q5))
+  size = _tile_size(k.shape[1], tile)
+
+  def body(j, acc):
+    kt, vt, segt, bidit, idxt = _key_tile(j, size, k, v, k_seg, k_bidi, k_idx)
+    fn = lambda: _block_xla(q5, kt, vt, q_seg, q_idx, segt, bidit, idxt, slopes5, scale)  # noqa: E731
+    return _combine(acc, _skip_if_masked(fn, q_seg, q_idx, segt, bidit, idxt, lambda: _empty_stats(q5)))
+
+  return jax.lax.fori_loop(0, k.shape[1] // size, body, _empty_stats(q5))
+
+
+def _ring_forward(q, k, v, seg, bidi, slopes, context: int, scale: float, interpret, tile):
+  """Per-device forward under shard_map: local q [b, n, H, d], k/v [b, n, K, d], masks [b, n].
+  Returns the output [b, n, H, d] and the row log-sum-exp [b, K, G, n] (BIG for empty rows)."""
   b, n, heads, d = q.shape
   kv = k.shape[2]
   g = heads // kv
@@ -220,27 +235,120 @@ def _ring_local(q, k, v, seg, bidi, slopes, *, context: int, scale: float, inter
   q_idx = _local_index(shard, n, context)
   q5 = q.reshape(b, n, kv, g, d)
   slopes5 = None if slopes is None else slopes.astype(F32).reshape(1, kv, g, 1, 1)
-  o = jnp.zeros((b, n, kv, g, d), F32)
-  m = jnp.full((b, kv, g, n), NEG, F32)
-  l = jnp.zeros((b, kv, g, n), F32)
-  visiting = (k, v, seg, bidi)
-  ring = [(i, (i + 1) % context) for i in range(context)]
-  for step in range(context):
+  def step(t, carry):  # a loop (not unrolled), so one block's buffers are live at a time
+    *stats, visiting = carry
     k_b, v_b, seg_b, bidi_b = visiting
-    source = (shard - step) % context
-    k_idx = _local_index(source, n, context)
-    o_b, m_b, l_b = _block(q5, k_b, v_b, seg, q_idx, seg_b, bidi_b, k_idx, slopes5, scale, interpret)
-    m_new = jnp.maximum(m, m_b)
-    a, a_b = jnp.exp(m - m_new), jnp.exp(m_b - m_new)
-    l = l * a + l_b * a_b
-    to_rows = lambda x: jnp.transpose(x, (0, 3, 1, 2))[..., None]  # noqa: E731  [b,K,G,n]->[b,n,K,G,1]
-    o = o * to_rows(a) + o_b * to_rows(a_b)
-    m = m_new
-    if step + 1 < context:
-      visiting = tuple(jax.lax.ppermute(x, CONTEXT_AXIS, ring) for x in visiting)
-  l_rows = jnp.transpose(l, (0, 3, 1, 2))[..., None]
+    k_idx = _local_index((shard - t) % context, n, context)
+    new = _block(q5, k_b, v_b, seg, q_idx, seg_b, bidi_b, k_idx, slopes5, scale, interpret, tile)
+    return (*_combine(stats, new), tuple(_pass(x, context) for x in visiting))
+
+  init = (*_empty_stats(q5), (k, v, seg, bidi))
+  o, m, l, _ = jax.lax.fori_loop(0, context, step, init)  # c hops: the chunks end at home
+  l_rows = _to_rows(l)
   out = jnp.where(l_rows > 0, o / jnp.where(l_rows > 0, l_rows, 1.0), 0.0)
-  return out.reshape(b, n, heads, d).astype(q.dtype)
+  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), BIG)
+  return out.reshape(b, n, heads, d).astype(q.dtype), lse
+
+
+def _to_rows(x):
+  """[b, K, G, n] -> [b, n, K, G, 1]."""
+  return jnp.transpose(x, (0, 3, 1, 2))[..., None]
+
+
+def _pass(x, context: int):
+  """One hop around the ring: device i sends to i + 1."""
+  return jax.lax.ppermute(x, CONTEXT_AXIS, [(i, (i + 1) % context) for i in range(context)])
+
+
+def _block_grads(q5, k, v, do5, lse, delta, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale):
+  """FlashAttention-2's backward for one block (Dao 2023, alg. 2): p = e^(s - lse),
+  dv = p^T do, ds = p (do v^T - delta), dq = ds k scale, dk = ds^T q scale, dslope = sum ds (j - i)."""
+  def compute():
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q5, k, preferred_element_type=F32) * scale
+    rel = (k_idx[None, :] - q_idx[:, None]).astype(F32)
+    if slopes5 is not None:
+      s = s + slopes5 * rel[None, None, None]
+    visible = _visible(q_seg, q_idx, k_seg, k_bidi, k_idx)[:, None, None]
+    p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0)
+    dv = jnp.einsum("bkgqs,bqkgd->bskd", p, do5, preferred_element_type=F32)
+    dp = jnp.einsum("bqkgd,bskd->bkgqs", do5, v, preferred_element_type=F32)
+    ds = p * (dp - delta[..., None])
+    dq = jnp.einsum("bkgqs,bskd->bqkgd", ds, k, preferred_element_type=F32) * scale
+    dk = jnp.einsum("bkgqs,bqkgd->bskd", ds, q5, preferred_element_type=F32) * scale
+    dslopes = jnp.sum(ds * rel[None, None, None], axis=(0, 3, 4))
+    return dq, dk, dv, dslopes
+
+  def skip():
+    return (jnp.zeros(q5.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32),
+            jnp.zeros(q5.shape[2:4], F32))
+
+  return _skip_if_masked(compute, q_seg, q_idx, k_seg, k_bidi, k_idx, skip)
+
+
+def _block_grads_tiled(q5, k, v, do5, lse, delta, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale,
+                       tile):
+  """_block_grads over key tiles: dq and dslopes summed, each tile's dk / dv written in place."""
+  size = _tile_size(k.shape[1], tile)
+
+  def body(j, carry):
+    dq, dk, dv, dsl = carry
+    kt, vt, segt, bidit, idxt = _key_tile(j, size, k, v, k_seg, k_bidi, k_idx)
+    ddq, ddk, ddv, ddsl = _block_grads(q5, kt, vt, do5, lse, delta, q_seg, q_idx, segt, bidit, idxt,
+                                       slopes5, scale)
+    put = lambda x, t: jax.lax.dynamic_update_slice_in_dim(x, t, j * size, axis=1)  # noqa: E731
+    return dq + ddq, put(dk, ddk), put(dv, ddv), dsl + ddsl
+
+  init = (jnp.zeros(q5.shape, F32), jnp.zeros(k.shape, F32), jnp.zeros(v.shape, F32),
+          jnp.zeros(q5.shape[2:4], F32))
+  return jax.lax.fori_loop(0, k.shape[1] // size, body, init)
+
+
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _ring_local(q, k, v, seg, bidi, slopes, context, scale, interpret, tile):
+  return _ring_forward(q, k, v, seg, bidi, slopes, context, scale, interpret, tile)[0]
+
+
+def _ring_local_fwd(q, k, v, seg, bidi, slopes, context, scale, interpret, tile):
+  out, lse = _ring_forward(q, k, v, seg, bidi, slopes, context, scale, interpret, tile)
+  return out, (q, k, v, seg, bidi, slopes, out, lse)
+
+
+def _ring_local_bwd(context, scale, interpret, tile, residuals, d_out):
+  """The ring backward: each visiting key chunk carries its dk / dv accumulators around the
+  ring, c hops, so they arrive home; only q, k, v, the output and the row lse are kept from
+  the forward (O(L / c) per device), every block is recomputed."""
+  del interpret
+  q, k, v, seg, bidi, slopes, out, lse = residuals
+  b, n, heads, d = q.shape
+  kv = k.shape[2]
+  g = heads // kv
+  shard = jax.lax.axis_index(CONTEXT_AXIS)
+  q_idx = _local_index(shard, n, context)
+  q5 = q.reshape(b, n, kv, g, d)
+  do5 = d_out.astype(F32).reshape(b, n, kv, g, d)
+  delta = jnp.transpose(jnp.sum(do5 * out.astype(F32).reshape(b, n, kv, g, d), axis=-1), (0, 2, 3, 1))
+  slopes5 = None if slopes is None else slopes.astype(F32).reshape(1, kv, g, 1, 1)
+  def step(t, carry):
+    dq, dslopes, dk, dv, visiting = carry
+    k_b, v_b, seg_b, bidi_b = visiting
+    k_idx = _local_index((shard - t) % context, n, context)
+    ddq, ddk, ddv, dsl = _block_grads_tiled(q5, k_b, v_b, do5, lse, delta, seg, q_idx, seg_b, bidi_b,
+                                            k_idx, slopes5, scale, tile)
+    # dk / dv travel with their chunk: after c hops they are back at the owner
+    return (dq + ddq, dslopes + dsl, _pass(dk + ddk, context), _pass(dv + ddv, context),
+            tuple(_pass(x, context) for x in visiting))
+
+  init = (jnp.zeros(q5.shape, F32), jnp.zeros((kv, g), F32), jnp.zeros(k.shape, F32),
+          jnp.zeros(v.shape, F32), (k, v, seg, bidi))
+  dq, dslopes, dk, dv, _ = jax.lax.fori_loop(0, context, step, init)
+  d_slopes = None if slopes is None else dslopes.reshape(heads).astype(slopes.dtype)
+  return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None,
+          d_slopes)
+
+
+_ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
 
 
 def _specs(q_shape, kv_shape, mesh, rules):
@@ -252,12 +360,15 @@ def _specs(q_shape, kv_shape, mesh, rules):
 
 
 def ring_attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, scale=None,
-                   kernel=None):
+                   kernel=None, block_k=DEFAULT_BLOCK_K):
   """glmjax.pallas.attention_reference's function with q, k, v in zig-zag order, split along
   length over the `context` mesh axis of the active mesh (see the module docstring).
 
   kernel: None scores each block in XLA; "interpret" / "compiled" with the Pallas block kernel
-  (`glm_ring_block`, forward; its gradient recomputes the block in XLA), in interpret mode or not.
+  (`glm_ring_block`, forward only; the ring backward recomputes blocks in XLA), in interpret
+  mode or not.
+  block_k: key tile of the XLA blocks (a divisor of the local length, else the whole chunk):
+  scores of one [L / c, block_k] tile are live at a time, forward and backward.
   """
   mesh = jax.sharding.get_abstract_mesh()
   rules = spmd.get_logical_axis_rules()
@@ -268,8 +379,8 @@ def ring_attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, sc
   if kernel not in (None, "interpret", "compiled"):
     raise ValueError(f"ring_attention kernel={kernel!r} is not None, 'interpret' or 'compiled'")
   interpret = None if kernel is None else kernel == "interpret"
-  body = lambda q, k, v, s, b, sl: _ring_local(q, k, v, s, b, sl, context=context, scale=scale,  # noqa: E731
-                                               interpret=interpret)
+  body = lambda q, k, v, s, b, sl: _ring_local(q, k, v, s, b, sl, context, scale, interpret,  # noqa: E731
+                                               int(block_k or DEFAULT_BLOCK_K))
   if alibi_slopes is None:
     fn = lambda q, k, v, s, b: body(q, k, v, s, b, None)  # noqa: E731
     return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, mask_spec),
