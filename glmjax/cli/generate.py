@@ -18,7 +18,8 @@ from glmjax.cli import common
 EPILOG = """\
 Modes: auto (blank filling when the prompt has [MASK]/[sMASK], else [gMASK] generation),
 blank, gmask, text (<sop> + prompt, the causal-LM task format), raw (plain continuation,
-for imported HuggingFace models), chat (ChatGLM3 roles; interactive when no --prompt).
+for imported HuggingFace models), chat (ChatGLM3 roles; interactive when no --prompt; a run
+imported from ChatGLM2/3 prompts with its tokenizer/ and ChatGLM3's own chat template).
 A prompts file has one prompt per line ("\\n" inside a line is a newline).
 Exit codes: 0 done, 2 bad arguments or checkpoint.
 """
@@ -108,18 +109,32 @@ def _cls_id(vocabulary):
   return None if tokenizer.id_to_piece(i) != "[CLS]" else int(i)
 
 
+def run_vocabulary(args, loaded):
+  """--vocab (a GLMVocabulary) when given; else the run's own tokenizer/ when it is ChatGLM2/3's
+  (`glmjax import` of a ChatGLM3-6B folder copies tokenizer.model + tokenizer_config.json
+  there): glmjax.tasks.vocab.ChatGLMVocabulary; else the shipped vocabulary."""
+  from glmjax.run.directory import TOKENIZER  # pylint: disable=import-outside-toplevel
+  from glmjax.tasks import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
+  if args.vocab:
+    return vocab_lib.GLMVocabulary(args.vocab)
+  try:
+    chatglm = vocab_lib.chatglm_tokenizer_in(loaded.workdir.file(TOKENIZER))
+  except ValueError as e:
+    raise common.BadInput(str(e)) from e
+  return chatglm if chatglm is not None else vocab_lib.default_vocabulary()
+
+
 def text_generator(args, prog: str = "glmjax generate"):
   """(LoadedParams, TextGenerator) for the checkpoint named by the model args: params only,
   sharded over this host's devices."""
   from glmjax.generate.text import TextGenerator  # pylint: disable=import-outside-toplevel
-  from glmjax.tasks import vocab as vocab_lib  # pylint: disable=import-outside-toplevel
   if args.vocab and not os.path.isfile(args.vocab):
     raise common.BadInput(f"--vocab {args.vocab} is not a file; give a SentencePiece .model file")
   loaded = common.load_checkpoint_params(args, prog)
   if getattr(args, "quantize", "none") != "none":  # weight-only: int8 per channel, int4 = NF4 (QLoRA)
     from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
     loaded.params = quant.quantize_params(loaded.params, loaded.config, quant.CLI_KINDS[args.quantize])
-  vocabulary = vocab_lib.GLMVocabulary(args.vocab) if args.vocab else vocab_lib.default_vocabulary()
+  vocabulary = run_vocabulary(args, loaded)
   if vocabulary.vocab_size > loaded.config.vocab_size:
     raise common.BadInput(f"the vocabulary has {vocabulary.vocab_size} ids but the model only "
                           f"{loaded.config.vocab_size}; pass the --vocab the model was trained with")
@@ -157,19 +172,29 @@ def _read_prompts(args) -> list[str]:
 
 
 def _chat(generator, options, args, prompts) -> None:
-  from glmjax.generate.chat import Turn  # pylint: disable=import-outside-toplevel
-  history = [Turn("system", args.system)] if args.system else []
+  """The conversation, in the vocabulary's template (glmjax.generate.chat: ChatGLM3's own for
+  a ChatGLM2/3 tokenizer, whose replies are split into metadata and content as ChatGLM3 does)."""
+  from glmjax.generate import chat as chat_lib  # pylint: disable=import-outside-toplevel
+  try:
+    chat_lib.check_template(generator.ids, generator.convention)
+  except ValueError as e:
+    raise common.BadInput(str(e)) from e
+  history = [chat_lib.Turn("system", args.system)] if args.system else []
   interactive = not prompts
-  stream = None if args.no_stream else (lambda piece: print(piece, end="", flush=True))
   queries = prompts if prompts else _stdin_lines()
   for query in queries:
-    history.append(Turn("user", query))
+    history.append(chat_lib.Turn("user", query))
     if not interactive:
       print(f"user: {query}")
     print("assistant: ", end="", flush=True)
-    answer = generator.chat(history, options, on_text=stream)
+    stream = None if args.no_stream else chat_lib.ReplyStream(
+        lambda piece: print(piece, end="", flush=True), generator.ids)
+    turns = chat_lib.reply_turns(generator.chat(history, options, on_text=stream), generator.ids)
+    answer = chat_lib.shown(turns[-1])
+    if stream is not None:
+      stream.finish(answer)
     print("" if stream else answer)
-    history.append(Turn("assistant", answer))
+    history.extend(turns)
 
 
 def _stdin_lines():

@@ -19,6 +19,10 @@ too; coverage 1.0 gives every character of the corpus its own piece.) Ids of the
 The specials are SentencePiece user-defined symbols: typing "[MASK]" in text
 encodes to the single id, and decoding gives the text back. Normalization is
 the identity and byte fallback is on, so decode(encode(x)) == x for any text.
+
+`ChatGLMVocabulary` is ChatGLM2/3's own tokenizer instead (their tokenizer.model, the
+specials appended after its pieces); `chatglm_tokenizer_in(folder)` finds it in a run's
+tokenizer/ after `glmjax import`.
 """
 
 from __future__ import annotations
@@ -252,3 +256,134 @@ def add_special_tokens(model_file: str | os.PathLike, out_file: str | os.PathLik
                      type=sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED)
   pathlib.Path(out_file).write_bytes(proto.SerializeToString())
   return added
+
+
+# ------------------------------------------------------------------ ChatGLM2/3's tokenizer
+
+# SPTokenizer.__init__ of THUDM/chatglm3-6b tokenization_chatglm.py: these follow the
+# SentencePiece pieces, at ids n_words + i (ChatGLM2-6B's has the first five only).
+CHATGLM_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop",
+                          "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+CHATGLM_TOKENIZER_CLASS = "ChatGLMTokenizer"
+CHATGLM_MODEL_FILE = "tokenizer.model"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatGLMSpecialIds(SpecialIds):
+  """SpecialIds of a ChatGLM2/3 tokenizer: glmjax.generate.chat prompts with ChatGLM3's template.
+
+  `newline` is the id SentencePiece gives "\\n" alone (ChatGLM3's byte piece <0x0A>); ChatGLM's
+  own code never uses it as a special.
+  """
+
+
+class ChatGLMVocabulary(seqio.SentencePieceVocabulary):
+  """ChatGLM2/3's tokenizer: the SentencePiece model, then CHATGLM_SPECIAL_TOKENS at ids
+  n_words + i (THUDM/chatglm3-6b tokenization_chatglm.py, SPTokenizer).
+
+  Encoding is the SentencePiece model's alone (SPTokenizer.encode: text never
+  becomes a special id); decoding is SPTokenizer.decode: the text of each run of
+  ordinary ids, and a special id as its token's name. pad is unk, as SPTokenizer.pad_id.
+  """
+
+  def __init__(self, sentencepiece_model_file: str | os.PathLike):
+    super().__init__(str(sentencepiece_model_file), extra_ids=0)
+
+  def _model_context(self):
+    """seqio's loader, without its warning that pad_id is not 0: ChatGLM pads with unk."""
+    if self._model:
+      return self._model
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+      return super()._model_context()
+    finally:
+      absl_logging.set_verbosity(level)
+
+  @property
+  def n_words(self) -> int:
+    """Pieces of the SentencePiece model (the first special's id)."""
+    return self.tokenizer.GetPieceSize()
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self.n_words + len(CHATGLM_SPECIAL_TOKENS)
+
+  @property
+  def pad_id(self) -> int:
+    return self.tokenizer.unk_id()
+
+  @functools.cached_property
+  def special_tokens(self) -> dict:
+    """{token: id} as SPTokenizer.special_tokens."""
+    return {token: self.n_words + i for i, token in enumerate(CHATGLM_SPECIAL_TOKENS)}
+
+  @functools.cached_property
+  def special_ids(self) -> ChatGLMSpecialIds:
+    t = self.special_tokens
+    unk, newline = self.tokenizer.unk_id(), self.tokenizer.EncodeAsIds("\n")
+    return ChatGLMSpecialIds(
+        pad=self.pad_id, eos=self.tokenizer.eos_id(), unk=unk,
+        mask=t["[MASK]"], smask=t["[sMASK]"], gmask=t["[gMASK]"], sop=t["sop"], eop=t["eop"],
+        system=t["<|system|>"], user=t["<|user|>"], assistant=t["<|assistant|>"],
+        observation=t["<|observation|>"], newline=int(newline[-1]) if newline else unk)
+
+  def _decode(self, ids) -> str:
+    """SPTokenizer.decode; ids past the vocabulary (a model's padded rows) are unk,
+    as seqio decodes them."""
+    index = {i: token for token, i in self.special_tokens.items()}
+    unk, size = self.tokenizer.unk_id(), self._base_vocab_size
+    text, buffer = "", []
+    for token in (int(i) for i in ids):
+      token = unk if token >= size or token < 0 else token
+      if token in index:
+        if buffer:
+          text += self.tokenizer.DecodeIds(buffer)
+          buffer = []
+        text += index[token]
+      else:
+        buffer.append(token)
+    if buffer:
+      text += self.tokenizer.DecodeIds(buffer)
+    return text
+
+  def decode(self, ids) -> str:
+    """As SPTokenizer.decode: every id, eos included (seqio's decode would cut after eos)."""
+    return self._decode(list(ids))
+
+  def __getstate__(self):
+    state = super().__getstate__()
+    for key in ("special_ids", "special_tokens"):
+      state.pop(key, None)
+    return state
+
+
+def chatglm_tokenizer_in(folder: str | os.PathLike) -> ChatGLMVocabulary | None:
+  """The ChatGLM2/3 tokenizer of a folder of HuggingFace tokenizer files (a run's tokenizer/,
+  as `glmjax import` copies it), or None when the folder holds another tokenizer.
+
+  ChatGLM2/3 ship `tokenizer.model` with a tokenizer_config.json naming
+  `"tokenizer_class": "ChatGLMTokenizer"` (ChatGLM-6B's names the same class over
+  `ice_text.model`, another tokenizer: None here).
+  """
+  folder = pathlib.Path(folder)
+  config_file, model_file = folder / TOKENIZER_CONFIG, folder / CHATGLM_MODEL_FILE
+  if not config_file.is_file() or not model_file.is_file():
+    return None
+  try:
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ValueError(f"{config_file} is not valid JSON ({e}); copy tokenizer_config.json again "
+                     "from the model's folder") from e
+  if not isinstance(config, dict) or config.get("tokenizer_class") != CHATGLM_TOKENIZER_CLASS:
+    return None
+  try:
+    vocabulary = ChatGLMVocabulary(model_file)
+    vocabulary.tokenizer  # pylint: disable=pointless-statement
+  except Exception as e:  # sentencepiece raises RuntimeError / OSError for a damaged model
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    raise ValueError(f"{model_file} is not a SentencePiece model ({why}); copy tokenizer.model "
+                     "again from the model's folder") from e
+  return vocabulary
