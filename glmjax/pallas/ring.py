@@ -124,6 +124,13 @@ def _block_xla(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale):
   return o, m, jnp.sum(p, axis=-1)
 
 
+# Recomputed in the backward when autodiff does differentiate the forward (a layer `scan` over
+# the ring: there JAX linearizes the loops instead of using the custom VJP), so a tile's scores
+# are never saved; only its inputs are.
+_block_xla_remat = jax.checkpoint(_block_xla, static_argnums=(9,),
+                                  policy=jax.checkpoint_policies.nothing_saveable)
+
+
 # --- The block as a Pallas kernel (impl="pallas") ---------------------------------------------
 
 def _block_kernel(q_ref, k_ref, v_ref, q_seg_ref, q_idx_ref, k_seg_ref, k_bidi_ref, k_idx_ref,
@@ -219,7 +226,7 @@ def _block(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpr
 
   def body(j, acc):
     kt, vt, segt, bidit, idxt = _key_tile(j, size, k, v, k_seg, k_bidi, k_idx)
-    fn = lambda: _block_xla(q5, kt, vt, q_seg, q_idx, segt, bidit, idxt, slopes5, scale)  # noqa: E731
+    fn = lambda: _block_xla_remat(q5, kt, vt, q_seg, q_idx, segt, bidit, idxt, slopes5, scale)  # noqa: E731
     return _combine(acc, _skip_if_masked(fn, q_seg, q_idx, segt, bidit, idxt, lambda: _empty_stats(q5)))
 
   return jax.lax.fori_loop(0, k.shape[1] // size, body, _empty_stats(q5))
@@ -305,22 +312,11 @@ def _block_grads_tiled(q5, k, v, do5, lse, delta, q_seg, q_idx, k_seg, k_bidi, k
 
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _ring_local(q, k, v, seg, bidi, slopes, context, scale, interpret, tile):
-  return _ring_forward(q, k, v, seg, bidi, slopes, context, scale, interpret, tile)[0]
-
-
-def _ring_local_fwd(q, k, v, seg, bidi, slopes, context, scale, interpret, tile):
-  out, lse = _ring_forward(q, k, v, seg, bidi, slopes, context, scale, interpret, tile)
-  return out, (q, k, v, seg, bidi, slopes, out, lse)
-
-
-def _ring_local_bwd(context, scale, interpret, tile, residuals, d_out):
+def _ring_backward(q, k, v, seg, bidi, slopes, out, lse, d_out, *, context: int, scale: float,
+                   tile: int, reduce_axes: tuple):
   """The ring backward: each visiting key chunk carries its dk / dv accumulators around the
   ring, c hops, so they arrive home; only q, k, v, the output and the row lse are kept from
   the forward (O(L / c) per device), every block is recomputed."""
-  del interpret
-  q, k, v, seg, bidi, slopes, out, lse = residuals
   b, n, heads, d = q.shape
   kv = k.shape[2]
   g = heads // kv
@@ -343,12 +339,53 @@ def _ring_local_bwd(context, scale, interpret, tile, residuals, d_out):
   init = (jnp.zeros(q5.shape, F32), jnp.zeros((kv, g), F32), jnp.zeros(k.shape, F32),
           jnp.zeros(v.shape, F32), (k, v, seg, bidi))
   dq, dslopes, dk, dv, _ = jax.lax.fori_loop(0, context, step, init)
-  d_slopes = None if slopes is None else dslopes.reshape(heads).astype(slopes.dtype)
-  return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None,
-          d_slopes)
+  grads = (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype))
+  if slopes is None:
+    return grads
+  # a head's slope is shared by every batch / context shard: sum their parts
+  return grads + (jax.lax.psum(dslopes.reshape(heads), reduce_axes).astype(slopes.dtype),)
 
 
-_ring_local.defvjp(_ring_local_fwd, _ring_local_bwd)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _ring(q, k, v, seg, bidi, slopes, meta):
+  return _ring_fwd(q, k, v, seg, bidi, slopes, meta)[0]
+
+
+def _ring_fwd(q, k, v, seg, bidi, slopes, meta):
+  """Forward over the mesh: the custom VJP sits outside shard_map (inside, a layer `scan`'s
+  partial evaluation linearized the forward's loops and kept every block)."""
+  context, scale, interpret, tile, (q_spec, kv_spec, mask_spec, slope_spec, lse_spec) = meta
+  mesh = jax.sharding.get_abstract_mesh()
+  fwd = lambda q, k, v, s, b, *sl: _ring_forward(q, k, v, s, b, sl[0] if sl else None, context,  # noqa: E731
+                                                 scale, interpret, tile)
+  args = (q, k, v, seg, bidi) + (() if slopes is None else (slopes,))
+  specs = (q_spec, kv_spec, kv_spec, mask_spec, mask_spec) + (() if slopes is None else (slope_spec,))
+  out, lse = jax.shard_map(fwd, mesh=mesh, in_specs=specs, out_specs=(q_spec, lse_spec),
+                           check_vma=False)(*args)
+  return out, (q, k, v, seg, bidi, slopes, out, lse)
+
+
+def _ring_bwd(meta, residuals, d_out):
+  context, scale, _, tile, (q_spec, kv_spec, mask_spec, slope_spec, lse_spec) = meta
+  q, k, v, seg, bidi, slopes, out, lse = residuals
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes = q_spec[0] if isinstance(q_spec[0], tuple) else (() if q_spec[0] is None else (q_spec[0],))
+  reduce_axes = (CONTEXT_AXIS,) + tuple(batch_axes)
+
+  def bwd(q, k, v, s, b, *rest):
+    sl, (o, lse_, do) = (rest[0], rest[1:]) if slopes is not None else (None, rest)
+    return _ring_backward(q, k, v, s, b, sl, o, lse_, do, context=context, scale=scale, tile=tile,
+                          reduce_axes=reduce_axes)
+  has = slopes is not None
+  args = (q, k, v, seg, bidi) + ((slopes,) if has else ()) + (out, lse, d_out)
+  specs = ((q_spec, kv_spec, kv_spec, mask_spec, mask_spec) + ((slope_spec,) if has else ())
+           + (q_spec, lse_spec, q_spec))
+  out_specs = (q_spec, kv_spec, kv_spec) + ((slope_spec,) if has else ())
+  grads = jax.shard_map(bwd, mesh=mesh, in_specs=specs, out_specs=out_specs, check_vma=False)(*args)
+  return tuple(grads[:3]) + (None, None, grads[3] if has else None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
 
 
 def _specs(q_shape, kv_shape, mesh, rules):
@@ -379,13 +416,8 @@ def ring_attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, sc
   if kernel not in (None, "interpret", "compiled"):
     raise ValueError(f"ring_attention kernel={kernel!r} is not None, 'interpret' or 'compiled'")
   interpret = None if kernel is None else kernel == "interpret"
-  body = lambda q, k, v, s, b, sl: _ring_local(q, k, v, s, b, sl, context, scale, interpret,  # noqa: E731
-                                               int(block_k or DEFAULT_BLOCK_K))
-  if alibi_slopes is None:
-    fn = lambda q, k, v, s, b: body(q, k, v, s, b, None)  # noqa: E731
-    return jax.shard_map(fn, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, mask_spec, mask_spec),
-                         out_specs=q_spec, check_vma=False)(q, k, v, segment_ids, bidirectional)
-  return jax.shard_map(body, mesh=mesh,
-                       in_specs=(q_spec, kv_spec, kv_spec, mask_spec, mask_spec, slope_spec),
-                       out_specs=q_spec, check_vma=False)(
-                           q, k, v, segment_ids, bidirectional, jnp.asarray(alibi_slopes, F32))
+  lse_spec = P(q_spec[0], kv_spec[2], None, CONTEXT_AXIS)
+  meta = (context, scale, interpret, int(block_k or DEFAULT_BLOCK_K),
+          (q_spec, kv_spec, mask_spec, slope_spec, lse_spec))
+  slopes = None if alibi_slopes is None else jnp.asarray(alibi_slopes, F32)
+  return _ring(q, k, v, segment_ids, bidirectional, slopes, meta)
