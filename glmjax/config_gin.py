@@ -26,6 +26,7 @@ import gin
 from glmjax.model import ModelConfig
 from glmjax.sharding import DistributedConfig, MeshConfig
 from glmjax.trainer import CheckpointConfig, DataConfig, Experiment, OptimizerConfig, TrainerConfig
+from glmjax.tuning.dpo import DpoConfig
 from glmjax.tuning.lora import LoraConfig
 
 CONFIG_CLASSES = {
@@ -37,10 +38,12 @@ CONFIG_CLASSES = {
     "CheckpointConfig": CheckpointConfig,
     "DistributedConfig": DistributedConfig,
     "LoraConfig": LoraConfig,
+    "DpoConfig": DpoConfig,
 }
 _FIELD_OF = {"ModelConfig": "model", "MeshConfig": "mesh", "OptimizerConfig": "optimizer",
              "DataConfig": "data", "TrainerConfig": "trainer", "CheckpointConfig": "checkpoint",
-             "DistributedConfig": "distributed", "LoraConfig": "lora"}
+             "DistributedConfig": "distributed", "LoraConfig": "lora",
+             "DpoConfig": "dpo"}
 _configurables: dict = {}
 
 

@@ -134,3 +134,13 @@ def pair_batches(task_name: str, split: str, *, pairs: int, sequence_length: int
     if len(buffer) == pairs:
       yield {k: np.concatenate([b[k] for b in buffer]) for k in buffer[0]}
       buffer = []
+
+
+TOY_TASK = "glmjax_preference_shakespeare"
+
+
+def register_toy_task() -> str:
+  """Registers `corpus_preference_records` as TOY_TASK once; returns its name."""
+  if TOY_TASK not in seqio.TaskRegistry.names():
+    register_preference_task(TOY_TASK, corpus_preference_records)
+  return TOY_TASK

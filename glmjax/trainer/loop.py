@@ -33,6 +33,7 @@ from glmjax.trainer import metrics as metrics_lib
 from glmjax.trainer.data import DataConfig
 from glmjax.trainer.optim import OptimizerConfig
 from glmjax.trainer.step import StepConfig, TrainProgram
+from glmjax.tuning import dpo as dpo_lib
 from glmjax.tuning import lora as lora_lib
 
 log_ = logging.getLogger("glmjax.train")
@@ -63,6 +64,7 @@ class Experiment:
   checkpoint: ckpt.CheckpointConfig = ckpt.CheckpointConfig()
   distributed: DistributedConfig = DistributedConfig()
   lora: lora_lib.LoraConfig = lora_lib.LoraConfig()  # rank 0: full fine-tuning / pretraining
+  dpo: dpo_lib.DpoConfig = dpo_lib.DpoConfig()  # task "": no DPO
 
 
 @dataclasses.dataclass
@@ -223,6 +225,9 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
                          step_config=StepConfig(microbatches=cfg.microbatches, z_loss=cfg.z_loss),
                          devices=devices, tuning=lora_lib.tuning_for(experiment.model, experiment.lora))
   layout = {"batch_size": experiment.data.batch_size, "sequence_length": experiment.data.sequence_length}
+  step_fn = program.train_step
+  if experiment.dpo.task:  # DPO on preference pairs (glmjax.tuning.dpo) instead of the LM mixture
+    step_fn, train_data = dpo_lib.train_hooks(program, experiment)
   if train_data is None:
     stream = data_lib.train_stream(experiment.data, pid, nproc, model=experiment.model)
     host_rows = lambda b: b  # noqa: E731
@@ -303,7 +308,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
         host = host_rows(host)
         batch_lib.check_ids(host, experiment.model)
         batch = program.global_batch(host)
-        state, device_metrics = program.train_step(state, batch)
+        state, device_metrics = step_fn(state, batch)
         m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         step += 1
         now = time.perf_counter()

@@ -48,6 +48,8 @@ class DpoConfig:
   beta: float = 0.1
   loss_type: str = "sigmoid"  # "sigmoid" (DPO, cDPO with label_smoothing) | "ipo"
   label_smoothing: float = 0.0  # cDPO's eps: the probability a preference label is flipped
+  task: str = ""  # glmjax train: a preference task (glmjax.tasks.preference); "": no DPO
+  style: str = "instruction"  # "instruction" | "chatglm3" (glmjax.tasks.preference.STYLES)
 
 
 def validate(config: DpoConfig) -> None:
@@ -139,9 +141,11 @@ def dpo_train_step(state: dict, batch: dict, *, model_config: ModelConfig, optim
   updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
   new = {**state, "step": state["step"] + 1, "params": keep(params, state["params"]),
-         "opt_state": keep(opt_state, state["opt_state"])}
-  return new, {**metrics, "grad_norm": grad_norm, "finite": finite}
+         "opt_state": keep(opt_state, state["opt_state"]), "nonfinite_streak": streak,
+         "nonfinite_total": state["nonfinite_total"] + (1 - finite.astype(jnp.int32))}
+  return new, {**metrics, "grad_norm": grad_norm, "finite": finite, "nonfinite_streak": streak}
 
 
 class DpoProgram:
@@ -170,6 +174,8 @@ class DpoProgram:
 
   def _place(self, batch: dict) -> dict:
     model_keys = {k: v for k, v in batch.items() if k in BATCH_KEYS}
+    if all(isinstance(v, jax.Array) for v in model_keys.values()):  # already global (the train loop)
+      return dict(batch)
     placed = self.program.global_batch(model_keys)
     if "reference_logps" in batch:
       placed["reference_logps"] = jnp.asarray(batch["reference_logps"], jnp.float32)
@@ -183,3 +189,21 @@ class DpoProgram:
     """DPO metrics (loss, rewards, margin, preference accuracy) of `params` on a batch of pairs."""
     with self.program.sharding_context():
       return self._metrics(params, self._place(batch))
+
+
+def train_hooks(program, experiment):
+  """What `glmjax train` swaps in when DpoConfig.task is set: (the DPO step, a zero-argument
+  callable giving the endless stream of pair batches of DataConfig.batch_size rows)."""
+  import itertools  # pylint: disable=import-outside-toplevel
+  from glmjax.tasks import preference  # pylint: disable=import-outside-toplevel
+  config, data = experiment.dpo, experiment.data
+  if config.style not in preference.STYLES:
+    raise ValueError(f"DpoConfig.style={config.style!r} is not one of {preference.STYLES}")
+  preference.register_toy_task()
+  dpo = DpoProgram(program, config)
+
+  def pairs():
+    for _ in itertools.count():  # epochs in the task's order: deterministic, so resume replays it
+      yield from preference.pair_batches(config.task, "train", pairs=data.batch_size // 2,
+                                         sequence_length=data.sequence_length, style=config.style)
+  return dpo.train_step, pairs

@@ -40,7 +40,7 @@ def run(gin_file, workdir, steps, extra=()):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("lora")
-  paths = {name: str(root / name) for name in ("base", "straight", "resumed", "qlora")}
+  paths = {name: str(root / name) for name in ("base", "straight", "resumed", "qlora", "dpo")}
   old = os.getcwd()
   os.chdir(REPO)
   try:
@@ -50,6 +50,7 @@ def runs(tmp_path_factory):
     assert run("experiments/lora_llama_small.gin", paths["resumed"], STEPS // 2, lora) == 0
     assert run("experiments/lora_llama_small.gin", paths["resumed"], STEPS, lora) == 0
     assert run("experiments/qlora_llama_small.gin", paths["qlora"], 2, lora) == 0
+    assert run("experiments/dpo_llama_small.gin", paths["dpo"], 3, lora + ["DpoConfig.beta = 0.5"]) == 0
     yield paths
   finally:
     os.chdir(old)
@@ -134,3 +135,14 @@ def test_qlora_run_saves_adapters_only_and_loads_merged(runs):
   assert np.abs(np.asarray(wq.base.dense()) - float_wq).max() <= 0.15 * np.abs(float_wq).max()
   np.testing.assert_allclose(np.asarray(loaded.params["layers"]["attn"]["wq"]), np.asarray(wq.dense()),
                              atol=1e-6)
+
+
+def test_dpo_run_reports_preference_metrics_from_log_2(runs):
+  records = [r for r in read_jsonl(os.path.join(runs["dpo"], "metrics.jsonl")) if r["kind"] == "train"]
+  assert [r["step"] for r in records] == [1, 2, 3]
+  assert records[0]["loss"] == pytest.approx(np.log(2.0), abs=1e-6)  # B = 0: policy = reference
+  assert records[0]["rewards_margin"] == 0.0
+  assert all(k in records[-1] for k in ("rewards_chosen", "rewards_rejected", "preference_accuracy"))
+  assert records[-1]["loss"] != records[0]["loss"]
+  paths = _saved_param_paths(runs["dpo"], 3)
+  assert len(paths) == 2 * 7 and all(p.endswith(("/a", "/b")) for p in paths)
