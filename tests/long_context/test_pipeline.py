@@ -110,3 +110,11 @@ def test_train_step_with_stages_equals_one_device():
   assert got_loss == pytest.approx(want_loss, rel=1e-6)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+def test_stages_with_context_parallelism_is_refused_in_one_line():
+  mesh = make_mesh(MeshConfig(data=2, stage=2, context=2))
+  params = init_params(CONFIG, jax.random.key(0))
+  with activation_sharding(mesh, DEFAULT_RULES), pytest.raises(ValueError) as err:
+    jax.jit(lambda p, b: pipeline.forward_with_aux(p, b, CONFIG, microbatches=2)).lower(params, glm_batch())
+  assert str(err.value).startswith("MeshConfig.context=2 with MeshConfig.stage=2") and "\n" not in str(err.value)
