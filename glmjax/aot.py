@@ -123,12 +123,15 @@ def no_persistent_cache() -> Iterator[None]:
   """JAX's persistent compilation cache off: TPU executables compiled without a TPU client
   cannot be read back (the cache would warn and grow), and compile_s must be a real compile."""
   import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=import-outside-toplevel
   before = jax.config.jax_enable_compilation_cache
   jax.config.update("jax_enable_compilation_cache", False)
+  compilation_cache.reset_cache()  # JAX decides once per process whether the cache is in use
   try:
     yield
   finally:
     jax.config.update("jax_enable_compilation_cache", before)
+    compilation_cache.reset_cache()
 
 
 def slice_index(device) -> int:

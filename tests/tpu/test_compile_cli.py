@@ -17,8 +17,8 @@ from glmjax.model import is_spec, param_specs
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "experiments", "demo.gin")
 
-# A small GLM whose every sharded array is whole (8, 128) float32 TPU tiles on fsdp=2 x tensor=2:
-# then the compiler's argument bytes are exactly shard elements x 4 (no tile padding).
+# A small GLM whose sharded arrays are (nearly all) whole (8, 128) float32 TPU tiles on fsdp=2 x
+# tensor=2; the learned position tables have max_length + 1 = 257 rows, padded to 264 on the chip.
 SMALL_GLM = ["MeshConfig.data = 1", "MeshConfig.fsdp = 2", "MeshConfig.tensor = 2",
              "ModelConfig.num_layers = 8", "ModelConfig.d_model = 256", "ModelConfig.ffn_dim = 256",
              "ModelConfig.num_heads = 16", "ModelConfig.num_kv_heads = 16",
@@ -40,20 +40,40 @@ def compile_args(bindings, *extra):
   return ["compile", "--gin_file", DEMO] + [a for b in bindings for a in ("--gin", b)] + list(extra)
 
 
+def tiled_bytes(shape, itemsize: int = 4) -> int:
+  """A 32-bit array's bytes in TPU HBM: the two minor dims in whole (8, 128) tiles."""
+  shape = list(shape)
+  if shape:
+    shape[-1] = -(-shape[-1] // 128) * 128
+  if len(shape) >= 2:
+    shape[-2] = -(-shape[-2] // 8) * 8
+  return math.prod(shape) * itemsize
+
+
 def hand_param_bytes_per_device(model_config) -> int:
-  """Sum over params of elements / (mesh parts of its sharded dims) x itemsize; a mesh axis
-  shards at most one dim of an array (the first logical axis mapped to it)."""
+  """Sum over params of the shard's bytes: each dim divided by the mesh parts of the axis its
+  logical name maps to (a mesh axis shards at most one dim of an array: the first logical axis
+  mapped to it), in (8, 128) tiles."""
   total = 0
   for spec in jax.tree_util.tree_leaves(param_specs(model_config), is_leaf=is_spec):
-    used, parts = set(), 1
-    for axis in spec.axes:
+    used, shard = set(), list(spec.shape)
+    for dim, axis in enumerate(spec.axes):
       mesh_axis = RULE.get(axis)
       if mesh_axis and mesh_axis not in used:
         used.add(mesh_axis)
-        parts *= MESH[mesh_axis]
-    assert math.prod(spec.shape) % parts == 0
-    total += math.prod(spec.shape) // parts * np.dtype(spec.dtype).itemsize
+        assert shard[dim] % MESH[mesh_axis] == 0
+        shard[dim] //= MESH[mesh_axis]
+    assert np.dtype(spec.dtype).itemsize == 4
+    total += tiled_bytes(shard)
   return total
+
+
+def matmul_params(cfg) -> int:
+  """All params but the learned position tables (GLM ties the embedding: it is the output matmul)."""
+  assert cfg.tie_embeddings
+  specs = param_specs(cfg)
+  lookup = sum(math.prod(s.shape) for name, s in specs["embed"].items() if name != "embedding")
+  return sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(specs, is_leaf=is_spec)) - lookup
 
 
 def small_model_config():
@@ -91,8 +111,7 @@ def test_small_glm_on_v5e_2x2_fits_and_argument_bytes_match_param_specs(tmp_path
   assert report["compile_s"] > 0
   # 6N + attention per token (N: matmul params, all but the learned position tables) x tokens
   cfg = small_model_config()
-  n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=is_spec))
-  n -= 2 * cfg.max_length * cfg.d_model  # position + block_position lookup tables
+  n = matmul_params(cfg)
   tokens = 16 * 128
   expected = (6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128) * tokens
   assert math.isclose(report["flops_per_step"], expected, rel_tol=1e-9)
@@ -152,8 +171,7 @@ def test_decode_step_arguments_are_params_plus_kv_cache(tmp_path):
   assert mem["arguments"] == hand_param_bytes_per_device(cfg) + cache + new_token
   assert mem["aliased"] == cache  # the donated cache is written in place
   assert report["step"] == "decode" and report["fits"]
-  n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=is_spec))
-  n -= 2 * cfg.max_length * cfg.d_model
+  n = matmul_params(cfg)
   attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 256
   assert math.isclose(report["flops_per_step"], (2 * n + attention) * 16, rel_tol=1e-9)
 
@@ -171,6 +189,5 @@ def test_eval_step_arguments_are_params_and_batch_only(tmp_path):
 
 def _train_flops() -> float:
   cfg = small_model_config()
-  n = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(cfg), is_leaf=is_spec))
-  n -= 2 * cfg.max_length * cfg.d_model
+  n = matmul_params(cfg)
   return (6 * n + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 128) * 16 * 128
