@@ -4,16 +4,8 @@
     shardings = param_shardings(model_config, mesh, MeshConfig().rules)
     with activation_sharding(mesh, rules):   # model constraints bind to the mesh
       ...jit tracing...
-
-Importing this package also runs `platforms.skip_absent_tpu()`: with libtpu installed (for
-`glmjax compile`) on a host without TPU chips, JAX is pinned to CPU before it probes for a TPU.
 """
 
-from glmjax.sharding import platforms
-
-platforms.skip_absent_tpu()
-
-# pylint: disable=wrong-import-position
 from glmjax.sharding.distributed import DistributedConfig, global_batch, initialize
 from glmjax.sharding.mesh import DEFAULT_RULES, MESH_AXES, MeshConfig, make_mesh, resolve_axis_sizes
 from glmjax.sharding.partition import (activation_sharding, batch_divisor, batch_sharding,

@@ -22,8 +22,9 @@ from glmjax.model import ModelConfig, is_spec, param_specs
 # Dense bf16 peak FLOP/s per chip (vendor data sheets; GPUs without sparsity).
 PEAK_FLOPS_BY_KIND = (
     ("TPU v6", 918e12),
-    ("TPU v5p", 459e12),
-    ("TPU v5", 197e12),  # v5e / "TPU v5 lite"
+    ("TPU v5 lite", 197e12),  # v5e's device_kind
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),  # v5p's device_kind is "TPU v5" (libtpu topologies); matched after lite
     ("TPU v4", 275e12),
     ("TPU v3", 123e12),
     ("H200", 989e12),

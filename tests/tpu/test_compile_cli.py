@@ -23,7 +23,10 @@ SMALL_GLM = ["MeshConfig.data = 1", "MeshConfig.fsdp = 2", "MeshConfig.tensor = 
              "ModelConfig.num_layers = 8", "ModelConfig.d_model = 256", "ModelConfig.ffn_dim = 256",
              "ModelConfig.num_heads = 16", "ModelConfig.num_kv_heads = 16",
              "ModelConfig.head_dim = 128", "ModelConfig.vocab_size = 1024",
-             "DataConfig.batch_size = 16", "DataConfig.sequence_length = 128"]
+             "DataConfig.batch_size = 16", "DataConfig.sequence_length = 128",
+             # GLM's 2D position tables have max_length + 1 rows: 256, whole (8, 128) tiles, so the
+             # hand count below needs no guess at how XLA pads an odd row count.
+             "ModelConfig.max_length = 255"]
 MESH = {"fsdp": 2, "tensor": 2}
 RULE = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
 
@@ -158,13 +161,14 @@ def test_mesh_that_does_not_divide_the_slice_exits_2_with_one_line(capfd):
 
 def test_decode_step_arguments_are_params_plus_kv_cache(tmp_path):
   out = tmp_path / "decode.json"
+  CONTEXT = 128  # a whole 128-lane tile, within max_length = 255
   assert run_cli(compile_args(SMALL_GLM, "--topology", "v5e:2x2", "--step", "decode",
-                              "--context", "256", "--json", str(out))) == 0
+                              "--context", str(CONTEXT), "--json", str(out))) == 0
   report = json.loads(out.read_text())
   cfg = small_model_config()
   rows = 16 // 2  # the batch over fsdp; kv heads over tensor
-  kv = cfg.num_layers * rows * 256 * (cfg.num_kv_heads // 2) * cfg.head_dim * np.dtype(cfg.dtype).itemsize
-  slots = 3 * rows * 256 * 4  # tokens, segment_ids, bidirectional
+  kv = cfg.num_layers * rows * CONTEXT * (cfg.num_kv_heads // 2) * cfg.head_dim * np.dtype(cfg.dtype).itemsize
+  slots = 3 * rows * CONTEXT * 4  # tokens, segment_ids, bidirectional
   cache = 2 * kv + slots + 512  # + the write index (one 512-byte buffer)
   new_token = 4 * 512  # tokens, positions, block_positions, segment_ids: [8, 1] int32 each
   mem = report["per_device_bytes"]
@@ -172,7 +176,7 @@ def test_decode_step_arguments_are_params_plus_kv_cache(tmp_path):
   assert mem["aliased"] == cache  # the donated cache is written in place
   assert report["step"] == "decode" and report["fits"]
   n = matmul_params(cfg)
-  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * 256
+  attention = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * CONTEXT
   assert math.isclose(report["flops_per_step"], (2 * n + attention) * 16, rel_tol=1e-9)
 
 

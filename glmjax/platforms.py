@@ -63,7 +63,7 @@ def skip_absent_tpu() -> bool:
   """Pins JAX to CPU when libtpu is installed but useless here; True when it did.
 
   Before `import jax` it sets JAX_PLATFORMS=cpu; after, `jax_platforms` (if no backend is up yet:
-  a running backend is left alone). glmjax.sharding runs it at import.
+  a running backend is left alone). `import glmjax` runs it.
   """
   if not should_skip_tpu():
     return False
