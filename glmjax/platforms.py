@@ -52,7 +52,8 @@ def should_skip_tpu() -> bool:
   """libtpu installed, no platform chosen, and no accelerator it or CUDA could use here."""
   if os.environ.get("JAX_PLATFORMS") or os.environ.get("JAX_PLATFORM_NAME"):
     return False
-  if "jax" in sys.modules and sys.modules["jax"].config.jax_platforms:
+  jax = sys.modules.get("jax")  # None too where a caller blocks the import (torch-only use)
+  if jax is not None and jax.config.jax_platforms:
     return False
   if importlib.util.find_spec("libtpu") is None:
     return False
@@ -67,7 +68,7 @@ def skip_absent_tpu() -> bool:
   """
   if not should_skip_tpu():
     return False
-  if "jax" not in sys.modules:
+  if sys.modules.get("jax") is None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     return True
   import jax  # pylint: disable=import-outside-toplevel
