@@ -44,12 +44,27 @@ def wants_verbose(argv: Sequence[str]) -> bool:
   return "--verbose" in argv or os.environ.get("GLMJAX_VERBOSE", "") not in ("", "0")
 
 
+class _DropGinPathProbes(logging.Filter):
+  """gin's Python-path reader (gin/resource_reader.py) logs every include path it probes on the
+  root logger, at ERROR ("Path not found") when the probe fails, even though the next search path
+  then finds the file: noise for a user running from outside the repository."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.module != "resource_reader"
+
+
 def setup_logging(verbose: bool) -> None:
-  """glmjax's own INFO lines; library loggers at WARNING (ERROR when quiet)."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  """glmjax's own INFO lines; library loggers at ERROR unless verbose (then INFO, unfiltered)."""
+  logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                      format="%(asctime)s %(name)s: %(message)s")
+  logging.getLogger("glmjax").setLevel(logging.INFO)
   level = logging.INFO if verbose else logging.ERROR
   for noisy in ("absl", "jax", "jax._src", "orbax", "tensorflow", "seqio", "etils", "fsspec"):
     logging.getLogger(noisy).setLevel(level)
+  if not verbose:
+    for handler in logging.getLogger().handlers:
+      if not any(isinstance(f, _DropGinPathProbes) for f in handler.filters):
+        handler.addFilter(_DropGinPathProbes())
 
 
 def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
