@@ -85,6 +85,39 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
   return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
 
 
+def split_t5x_bindings(argv: Sequence[str]) -> tuple[list, list]:
+  """Pulls t5x-style `--gin.KEY=VALUE` (or `--gin.KEY VALUE`) out of argv."""
+  rest, bindings = [], []
+  i = 0
+  argv = list(argv)
+  while i < len(argv):
+    arg = argv[i]
+    if arg.startswith("--gin.") and len(arg) > len("--gin."):
+      body = arg[len("--gin."):]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise ValueError(f"{arg} needs a value: --gin.KEY=VALUE")
+        body, i = f"{body}={argv[i + 1]}", i + 1
+      bindings.append(body)
+    else:
+      rest.append(arg)
+    i += 1
+  return rest, bindings
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser, argv: Sequence[str]):
+  """(args, t5x bindings) of a command that takes an experiment (--gin_file / --gin / --gin.K=V)."""
+  try:
+    argv, t5x_bindings = split_t5x_bindings(argv)
+  except ValueError as e:
+    raise BadInput(str(e)) from e
+  args = parser.parse_args(argv)
+  if not args.gin_file and not args.gin and not t5x_bindings:
+    parser.print_usage(sys.stderr)
+    raise BadInput("give an experiment, e.g. --gin_file experiments/demo.gin")
+  return args, t5x_bindings
+
+
 def check_output_file(path: Optional[str], flag: str) -> None:
   """An output file's folder must exist and the path must not be a folder (checked before the
   work that produces the file, so a typo does not cost a whole evaluation)."""

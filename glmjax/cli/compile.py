@@ -58,14 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _compile(argv: list) -> int:
-  from glmjax.cli.train import split_t5x_bindings  # pylint: disable=import-outside-toplevel
-  try:
-    argv, t5x_bindings = split_t5x_bindings(argv)
-  except ValueError as e:
-    raise common.BadInput(str(e)) from e
-  args = build_parser().parse_args(argv)
-  if not args.gin_file and not args.gin and not t5x_bindings:
-    raise common.BadInput("give an experiment, e.g. --gin_file experiments/demo.gin")
+  args, t5x_bindings = common.parse_experiment_args(build_parser(), argv)
   common.check_output_file(args.json, "--json")
   common.setup_logging(args.verbose)
   from glmjax import aot, config_gin  # pylint: disable=import-outside-toplevel

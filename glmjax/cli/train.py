@@ -50,26 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
-def split_t5x_bindings(argv: Sequence[str]) -> tuple[list, list]:
-  """Pulls t5x-style `--gin.KEY=VALUE` (or `--gin.KEY VALUE`) out of argv."""
-  rest, bindings = [], []
-  i = 0
-  argv = list(argv)
-  while i < len(argv):
-    arg = argv[i]
-    if arg.startswith("--gin.") and len(arg) > len("--gin."):
-      body = arg[len("--gin."):]
-      if "=" not in body:
-        if i + 1 >= len(argv):
-          raise ValueError(f"{arg} needs a value: --gin.KEY=VALUE")
-        body, i = f"{body}={argv[i + 1]}", i + 1
-      bindings.append(body)
-    else:
-      rest.append(arg)
-    i += 1
-  return rest, bindings
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   verbose = common.wants_verbose(argv)
@@ -77,14 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(argv: list) -> int:
-  try:
-    argv, t5x_bindings = split_t5x_bindings(argv)
-  except ValueError as e:
-    raise common.BadInput(str(e)) from e
-  args = build_parser().parse_args(argv)
-  if not args.gin_file and not args.gin and not t5x_bindings:
-    build_parser().print_usage(sys.stderr)
-    raise common.BadInput("give an experiment, e.g. --gin_file experiments/demo.gin")
+  args, t5x_bindings = common.parse_experiment_args(build_parser(), argv)
   common.setup_logging(args.verbose)
   from glmjax import config_gin  # pylint: disable=import-outside-toplevel
   for module in args.module:

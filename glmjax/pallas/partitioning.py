@@ -16,7 +16,8 @@ from flax.linen import spmd
 from jax.sharding import PartitionSpec as P
 
 
-def _mesh_axes(logical_name: str, rules) -> tuple:
+def mesh_axes(logical_name: str, rules) -> tuple:
+  """The mesh axes the rules map one logical axis name to (a tuple, possibly empty)."""
   spec = spmd.logical_to_mesh_axes((logical_name,), rules)
   entry = spec[0] if spec else None
   if entry is None:
@@ -40,9 +41,9 @@ def attention_specs(q_shape, kv_shape, mesh, rules):
   Heads are split only when both query and kv heads divide by the split, so
   each device keeps whole GQA groups (query head h reads kv head h // group).
   """
-  batch_axes = _usable(_mesh_axes("batch", rules), mesh, (q_shape[0],))
-  head_axes = _mesh_axes("heads", rules)
-  if head_axes != _mesh_axes("kv_heads", rules):
+  batch_axes = _usable(mesh_axes("batch", rules), mesh, (q_shape[0],))
+  head_axes = mesh_axes("heads", rules)
+  if head_axes != mesh_axes("kv_heads", rules):
     head_axes = ()
   head_axes = _usable(tuple(a for a in head_axes if a not in batch_axes), mesh,
                       (q_shape[2], kv_shape[2]))

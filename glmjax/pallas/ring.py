@@ -39,6 +39,7 @@ from flax.linen import spmd
 from jax.sharding import PartitionSpec as P
 
 from glmjax.model.batch import may_attend
+from glmjax.pallas.partitioning import mesh_axes
 
 CONTEXT_AXIS = "context"
 F32 = jnp.float32
@@ -47,21 +48,13 @@ DEFAULT_BLOCK_K = 512  # key tile of the XLA blocks
 BIG = 1e30  # log-sum-exp of a row with no visible key: e^(s - BIG) = 0 in the backward
 
 
-def _mesh_axes(logical_name: str, rules) -> tuple:
-  spec = spmd.logical_to_mesh_axes((logical_name,), rules)
-  entry = spec[0] if spec else None
-  if entry is None:
-    return ()
-  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
-
-
 def context_size() -> int:
   """Size of the `context` mesh axis when the active rules split `length` over it, else 1."""
   mesh = jax.sharding.get_abstract_mesh()
   rules = spmd.get_logical_axis_rules()
   if mesh.empty or CONTEXT_AXIS not in mesh.axis_names or not rules:
     return 1
-  if CONTEXT_AXIS not in _mesh_axes("length", rules):
+  if CONTEXT_AXIS not in mesh_axes("length", rules):
     return 1
   return int(mesh.shape[CONTEXT_AXIS])
 

@@ -113,6 +113,21 @@ def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepC
   return grads, sums
 
 
+def guarded_update(state: dict, grads, loss, optimizer) -> tuple[dict, dict]:
+  """The optimizer update of `state`, skipped (params and optimizer state kept) when the loss or
+  the gradient norm is not finite; (new state, {grad_norm, finite, nonfinite_streak})."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+  params = optax.apply_updates(state["params"], updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+  streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
+  new = {**state, "step": state["step"] + 1, "params": keep(params, state["params"]),
+         "opt_state": keep(opt_state, state["opt_state"]), "nonfinite_streak": streak,
+         "nonfinite_total": state["nonfinite_total"] + (1 - finite.astype(jnp.int32))}
+  return new, {"grad_norm": grad_norm, "finite": finite, "nonfinite_streak": streak}
+
+
 def train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer, schedule,
                step_config: StepConfig):
   grads, sums = gradients(state["params"], batch, model_config, step_config)
@@ -121,20 +136,10 @@ def train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer
   z_term = step_config.z_loss * sums["z_sum"] / weight
   moe_weight = model_config.router_aux_loss_weight if model_config.num_experts else 0.0
   loss = nll + z_term + moe_weight * sums["moe_aux_sum"]
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-  streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
-  new = {"step": state["step"] + 1, "params": keep(params, state["params"]),
-         "opt_state": keep(opt_state, state["opt_state"]), "rng": state["rng"],
-         "nonfinite_streak": streak,
-         "nonfinite_total": state["nonfinite_total"] + (1 - finite.astype(jnp.int32))}
+  new, update = guarded_update(state, grads, loss, optimizer)
   metrics = {"loss": loss, "cross_entropy": nll, "z_loss": z_term, "moe_aux_loss": sums["moe_aux_sum"],
-             "accuracy": sums["correct_sum"] / weight, "grad_norm": grad_norm,
-             "learning_rate": schedule(state["step"]), "loss_tokens": sums["weight_sum"],
-             "finite": finite, "nonfinite_streak": streak}
+             "accuracy": sums["correct_sum"] / weight, "learning_rate": schedule(state["step"]),
+             "loss_tokens": sums["weight_sum"], **update}
   return new, metrics
 
 

@@ -34,7 +34,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from glmjax.model import ModelConfig, forward
 from glmjax.model.batch import BATCH_KEYS
@@ -136,16 +135,9 @@ def dpo_train_step(state: dict, batch: dict, *, model_config: ModelConfig, optim
   """One DPO update of a TrainProgram state; a non-finite loss or gradient skips it (as train_step)."""
   (loss, metrics), grads = jax.value_and_grad(dpo_objective, has_aux=True)(
       state["params"], batch, model_config, config)
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-  streak = jnp.where(finite, 0, state["nonfinite_streak"] + 1)
-  new = {**state, "step": state["step"] + 1, "params": keep(params, state["params"]),
-         "opt_state": keep(opt_state, state["opt_state"]), "nonfinite_streak": streak,
-         "nonfinite_total": state["nonfinite_total"] + (1 - finite.astype(jnp.int32))}
-  return new, {**metrics, "grad_norm": grad_norm, "finite": finite, "nonfinite_streak": streak}
+  from glmjax.trainer.step import guarded_update  # pylint: disable=import-outside-toplevel  (loop imports this module)
+  new, update = guarded_update(state, grads, loss, optimizer)
+  return new, {**metrics, **update}
 
 
 class DpoProgram:

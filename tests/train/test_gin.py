@@ -7,6 +7,7 @@ import os
 import pytest
 
 from glmjax import config_gin
+from glmjax.cli import common
 from glmjax.cli import train as train_cli
 from glmjax.model import presets
 from glmjax.sharding import resolve_axis_sizes
@@ -61,7 +62,7 @@ def test_demo_is_a_tiny_glm_on_the_blank_infilling_mixture():
 
 
 def test_later_bindings_override_and_t5x_flags_work():
-  rest, bindings = train_cli.split_t5x_bindings(
+  rest, bindings = common.split_t5x_bindings(
       ["--gin_file", "experiments/demo.gin", "--gin.TrainerConfig.num_steps=7", "--gin.DataConfig.seed", "3"])
   assert rest == ["--gin_file", "experiments/demo.gin"]
   experiment = parse(["experiments/demo.gin"], bindings + ["OptimizerConfig.learning_rate = 1e-4"])
