@@ -1,11 +1,20 @@
 """Nothing written is ever lost: refused or failed commands leave every earlier file byte-identical,
 and a damaged newest checkpoint is set aside (not deleted) while training resumes from the one before."""
 
+import gc
 import json
 import os
 
+import pytest
+
 from tests.cli.conftest import STEPS, run_cli, train_args
 from tests.cli.test_bad_input import _snapshot, _tiny_hf_folder
+
+
+# orbax leaves its per-array read coroutines unawaited when a damaged file aborts a restore; the
+# interpreter reports each as an unraisable exception at garbage collection, which these tests
+# run before they end so the report lands inside them.
+DAMAGED_RESTORE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
 
 def test_export_refuses_a_folder_of_someone_elses_files(trained_run, tmp_path, capsys):
@@ -56,6 +65,7 @@ def _largest_file(folder):
   return max(files, key=os.path.getsize)
 
 
+@DAMAGED_RESTORE
 def test_truncated_newest_checkpoint_resumes_from_the_previous_one(run_copy, capsys):
   newest = os.path.join(run_copy, "checkpoints", str(STEPS))
   victim = _largest_file(os.path.join(newest, "state"))
@@ -81,8 +91,10 @@ def test_truncated_newest_checkpoint_resumes_from_the_previous_one(run_copy, cap
   records = [json.loads(l) for l in open(os.path.join(run_copy, "metrics.jsonl")) if l.strip()]
   train_steps = [r["step"] for r in records if r["kind"] == "train"]
   assert train_steps == sorted(set(train_steps)) == list(range(1, STEPS + 2))  # replayed steps once
+  gc.collect()
 
 
+@DAMAGED_RESTORE
 def test_generate_skips_an_unreadable_newest_step_and_says_so(run_copy, capsys):
   state = os.path.join(run_copy, "checkpoints", str(STEPS), "state")
   for root, _, names in os.walk(state):  # every array chunk of the step, params included
@@ -95,6 +107,7 @@ def test_generate_skips_an_unreadable_newest_step_and_says_so(run_copy, capsys):
   err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
   assert len(err) == 1 and f"skipping unreadable checkpoint step {STEPS}" in err[0]
   assert run_cli(["generate", "--checkpoint", run_copy, "--step", str(STEPS), "--prompt", "x"]) == 2
+  gc.collect()
 
 
 def test_train_from_an_older_step_sets_newer_ones_aside(run_copy, capsys):
