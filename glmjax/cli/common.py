@@ -81,8 +81,21 @@ def run(prog: str, body: Callable[[], int], verbose: bool = False) -> int:
     return EXIT_BAD_INPUT
 
 
-def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]):
-  return parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+def run_parsed(prog: str, parser: argparse.ArgumentParser, body: Callable, argv: Optional[Sequence[str]]) -> int:
+  """The `main` of a command with a fixed parser: parse argv, set up logging, `run(body(args))`."""
+  args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+  setup_logging(args.verbose)
+  return run(prog, lambda: body(args), args.verbose)
+
+
+def add_experiment_args(p: argparse.ArgumentParser) -> None:
+  """--gin_file / --gin of the commands that take an experiment (t5x's --gin.KEY=VALUE too, see
+  parse_experiment_args)."""
+  p.add_argument("--gin_file", action="append", default=[], metavar="FILE",
+                 help="gin experiment file (repeatable; later files override earlier ones)")
+  p.add_argument("--gin", action="append", default=[], metavar="KEY=VALUE",
+                 help="gin binding, e.g. 'TrainerConfig.num_steps=100' (repeatable); "
+                      "'--gin.KEY=VALUE' works too")
 
 
 def split_t5x_bindings(argv: Sequence[str]) -> tuple[list, list]:

@@ -36,10 +36,7 @@ that does not divide the slice, a bad gin binding; one line), 1 the compiler fai
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="glmjax compile", description=__doc__.split("\n\n")[0],
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--gin_file", action="append", default=[], metavar="FILE",
-                 help="gin experiment file (repeatable), as for glmjax train")
-  p.add_argument("--gin", action="append", default=[], metavar="KEY=VALUE",
-                 help="gin binding (repeatable), e.g. 'MeshConfig.fsdp=4'")
+  common.add_experiment_args(p)
   p.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2 or v5p:2x2x2")
   p.add_argument("--num_slices", type=int, default=1,
                  help="slices joined over DCN (data parallel across them; default 1)")

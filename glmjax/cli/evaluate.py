@@ -76,9 +76,7 @@ def _evaluate(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = common.parse_args(build_parser(), argv)
-  common.setup_logging(args.verbose)
-  return common.run("glmjax eval", lambda: _evaluate(args), args.verbose)
+  return common.run_parsed("glmjax eval", build_parser(), _evaluate, argv)
 
 
 __all__ = ["main", "build_parser"]

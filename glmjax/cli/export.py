@@ -108,9 +108,7 @@ def _export(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = common.parse_args(build_parser(), argv)
-  common.setup_logging(args.verbose)
-  return common.run("glmjax export", lambda: _export(args), args.verbose)
+  return common.run_parsed("glmjax export", build_parser(), _export, argv)
 
 
 if __name__ == "__main__":

@@ -231,6 +231,4 @@ def _generate(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = common.parse_args(build_parser(), argv)
-  common.setup_logging(args.verbose)
-  return common.run("glmjax generate", lambda: _generate(args), args.verbose)
+  return common.run_parsed("glmjax generate", build_parser(), _generate, argv)

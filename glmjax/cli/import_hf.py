@@ -72,9 +72,7 @@ def _import(args) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = common.parse_args(build_parser(), argv)
-  common.setup_logging(args.verbose)
-  return common.run("glmjax import", lambda: _import(args), args.verbose)
+  return common.run_parsed("glmjax import", build_parser(), _import, argv)
 
 
 if __name__ == "__main__":

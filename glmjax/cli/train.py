@@ -32,11 +32,7 @@ Ctrl-C aborts at once). Re-running the same command resumes.
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="glmjax train", description=__doc__.split("\n\n")[0],
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--gin_file", action="append", default=[], metavar="FILE",
-                 help="gin experiment file (repeatable; later files override earlier ones)")
-  p.add_argument("--gin", action="append", default=[], metavar="KEY=VALUE",
-                 help="gin binding, e.g. 'TrainerConfig.num_steps=100' (repeatable); "
-                      "'--gin.KEY=VALUE' works too")
+  common.add_experiment_args(p)
   p.add_argument("--workdir", default=None,
                  help="run directory: checkpoints, metrics, plots (required; resumes from its newest "
                       "readable checkpoint)")

@@ -226,16 +226,22 @@ def _block(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpr
   return jax.lax.fori_loop(0, k.shape[1] // size, body, _empty_stats(q5))
 
 
-def _ring_forward(q, k, v, seg, bidi, slopes, context: int, scale: float, interpret, tile):
-  """Per-device forward under shard_map: local q [b, n, H, d], k/v [b, n, K, d], masks [b, n].
-  Returns the output [b, n, H, d] and the row log-sum-exp [b, K, G, n] (BIG for empty rows)."""
+def _local_grouped(q, k, slopes, context: int):
+  """What forward and backward both start from on one device: the shapes (b, n, heads, d, kv
+  heads, group g), this shard's index, its rows' global indices, q as [b, n, kv, g, d] and the
+  ALiBi slopes as [1, kv, g, 1, 1] (or None)."""
   b, n, heads, d = q.shape
   kv = k.shape[2]
   g = heads // kv
   shard = jax.lax.axis_index(CONTEXT_AXIS)
-  q_idx = _local_index(shard, n, context)
-  q5 = q.reshape(b, n, kv, g, d)
   slopes5 = None if slopes is None else slopes.astype(F32).reshape(1, kv, g, 1, 1)
+  return (b, n, heads, d, kv, g), shard, _local_index(shard, n, context), q.reshape(b, n, kv, g, d), slopes5
+
+
+def _ring_forward(q, k, v, seg, bidi, slopes, context: int, scale: float, interpret, tile):
+  """Per-device forward under shard_map: local q [b, n, H, d], k/v [b, n, K, d], masks [b, n].
+  Returns the output [b, n, H, d] and the row log-sum-exp [b, K, G, n] (BIG for empty rows)."""
+  (b, n, heads, d, kv, g), shard, q_idx, q5, slopes5 = _local_grouped(q, k, slopes, context)
   def step(t, carry):  # a loop (not unrolled), so one block's buffers are live at a time
     *stats, visiting = carry
     k_b, v_b, seg_b, bidi_b = visiting
@@ -311,15 +317,9 @@ def _ring_backward(q, k, v, seg, bidi, slopes, out, lse, d_out, *, context: int,
   """The ring backward: each visiting key chunk carries its dk / dv accumulators around the
   ring, c hops, so they arrive home; only q, k, v, the output and the row lse are kept from
   the forward (O(L / c) per device), every block is recomputed."""
-  b, n, heads, d = q.shape
-  kv = k.shape[2]
-  g = heads // kv
-  shard = jax.lax.axis_index(CONTEXT_AXIS)
-  q_idx = _local_index(shard, n, context)
-  q5 = q.reshape(b, n, kv, g, d)
+  (b, n, heads, d, kv, g), shard, q_idx, q5, slopes5 = _local_grouped(q, k, slopes, context)
   do5 = d_out.astype(F32).reshape(b, n, kv, g, d)
   delta = jnp.transpose(jnp.sum(do5 * out.astype(F32).reshape(b, n, kv, g, d), axis=-1), (0, 2, 3, 1))
-  slopes5 = None if slopes is None else slopes.astype(F32).reshape(1, kv, g, 1, 1)
   def step(t, carry):
     dq, dslopes, dk, dv, visiting = carry
     k_b, v_b, seg_b, bidi_b = visiting

@@ -100,14 +100,14 @@ def load_params(path: str, step: Optional[int] = None, *, devices: Optional[Sequ
       mesh_config = inference_mesh_config(experiment.mesh, len(devices))
       mesh = shd.make_mesh(mesh_config, devices)
       rules = shd.normalise_rules(mesh_config.rules)
-      shardings = shd.param_shardings(experiment.model, mesh, rules)
-      shapes = jax.eval_shape(functools.partial(init_params, experiment.model), jax.random.PRNGKey(0))
-      abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                              shapes, shardings)
       if experiment.lora.enabled:  # the checkpoint holds adapters only: base read again, merged
         from glmjax.tuning import lora as lora_lib  # pylint: disable=import-outside-toplevel
         params = lora_lib.load_merged(workdir.checkpoints, candidate, experiment, mesh, rules)
       else:
+        shardings = shd.param_shardings(experiment.model, mesh, rules)
+        shapes = jax.eval_shape(functools.partial(init_params, experiment.model), jax.random.PRNGKey(0))
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                shapes, shardings)
         params = restore_params(workdir.checkpoints, candidate, abstract)
     except UnreadableCheckpoint as e:
       if step is not None:
