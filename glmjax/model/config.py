@@ -140,7 +140,12 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   init_std: float = 0.02
-  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, or "none"
+  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, REMAT_POLICIES, or "none"
+  # The training / eval loss (LOSS_FIELDS): "dense" computes [B, L, V] float32 logits, "chunked"
+  # computes them `loss_chunk_size` positions at a time, forward and backward
+  # (glmjax.trainer.loss.chunked_token_loss_sums). The model's function is the same.
+  loss_impl: str = "dense"
+  loss_chunk_size: int = 2048
 
   def __post_init__(self):
     validate(self)
@@ -196,12 +201,53 @@ class ModelConfig:
 # the model.gin of `glmjax import` store `architecture_fields` only. `param_dtype` is identity: it
 # is the dtype the weights are stored in.
 RUNTIME_FIELDS = frozenset({"attention_impl", "dtype", "remat_policy"})
+# How the trainer computes the loss from the model's hidden states: not the model's identity
+# either (not exported, not in an imported model.gin), and the model's forward ignores them.
+LOSS_FIELDS = frozenset({"loss_impl", "loss_chunk_size"})
+LOSS_IMPLS = ("dense", "chunked")
+
+# Activations the layer tags with `jax.ad_checkpoint.checkpoint_name` (glmjax.model.transformer):
+# the block's input, q / k / v after their projections, the attention output before its
+# projection, and the two sublayers' outputs.
+CHECKPOINT_NAMES = ("layer_input", "query_proj", "key_proj", "value_proj", "attention_out",
+                    "attn_out_proj", "mlp_out")
+# remat_policy names of glmjax's own: (names saved on device, names offloaded to host memory).
+# Everything else is recomputed in the backward, as nothing_saveable. A remat_policy may also
+# spell the lists out: "save=query_proj,key_proj;offload=layer_input".
+REMAT_POLICIES = {
+    "save_qkv_proj": (("query_proj", "key_proj", "value_proj"), ()),
+    "save_attention": (("query_proj", "key_proj", "value_proj", "attention_out"), ()),
+    "save_out_proj": (("attn_out_proj", "mlp_out"), ()),
+    "offload_layer_input": ((), ("layer_input",)),
+    "offload_attention": ((), ("query_proj", "key_proj", "value_proj", "attention_out")),
+    "offload_layer_input_save_qkv": (("query_proj", "key_proj", "value_proj"), ("layer_input",)),
+}
+
+
+def named_remat_policy(name: str):
+  """(saved names, offloaded names) of a glmjax remat_policy (REMAT_POLICIES or the spelled-out
+  "save=a,b;offload=c" form), or None for a jax.checkpoint_policies name / "none".
+  ValueError naming remat_policy for unknown activation names or a malformed spec."""
+  if name in REMAT_POLICIES:
+    return REMAT_POLICIES[name]
+  if "=" not in name:
+    return None
+  lists = {"save": (), "offload": ()}
+  for part in filter(None, (p.strip() for p in name.split(";"))):
+    key, _, value = part.partition("=")
+    names = tuple(filter(None, (n.strip() for n in value.split(","))))
+    unknown = [n for n in names if n not in CHECKPOINT_NAMES]
+    if key.strip() not in lists or unknown:
+      raise ValueError(f"ModelConfig.remat_policy: {name!r} is not 'save=NAMES;offload=NAMES' with "
+                       f"NAMES from {CHECKPOINT_NAMES}" + (f" (unknown: {unknown})" if unknown else ""))
+    lists[key.strip()] = names
+  return lists["save"], lists["offload"]
 
 
 def architecture_fields(config: ModelConfig) -> dict:
   """{field: value} of every ModelConfig field except RUNTIME_FIELDS, in declaration order."""
   return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
-          if f.name not in RUNTIME_FIELDS}
+          if f.name not in RUNTIME_FIELDS | LOSS_FIELDS}
 
 
 def _require(condition: bool, field: str, message: str):
@@ -257,11 +303,16 @@ def validate(config: ModelConfig) -> None:
            f"the parallel block is pre-norm; norm_placement={config.norm_placement!r} is not supported "
            "with it (use norm_placement='pre')")
   _require(config.embed_grad_scale > 0, "embed_grad_scale", "must be > 0 (1.0 disables the shrink)")
-  if config.remat_policy != "none":
+  if config.remat_policy != "none" and named_remat_policy(config.remat_policy) is None:
     import jax  # pylint: disable=import-outside-toplevel
     _require(hasattr(jax.checkpoint_policies, config.remat_policy), "remat_policy",
-             f"{config.remat_policy!r} is neither 'none' nor a name in jax.checkpoint_policies "
-             "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable')")
+             f"{config.remat_policy!r} is neither 'none', a name in jax.checkpoint_policies "
+             "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable'), one of glmjax's "
+             f"{tuple(REMAT_POLICIES)} nor 'save=NAMES;offload=NAMES' with NAMES from "
+             f"{CHECKPOINT_NAMES}")
+  _one_of(config, "loss_impl", LOSS_IMPLS)
+  _require(isinstance(config.loss_chunk_size, int) and config.loss_chunk_size > 0, "loss_chunk_size",
+           f"must be a positive int (positions per chunk), got {config.loss_chunk_size!r}")
 
 
 def llama_ffn_dim(d_model: int, multiple_of: int = 256, multiplier: float = 1.0) -> int:

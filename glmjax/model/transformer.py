@@ -13,12 +13,14 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from glmjax import pallas
 from glmjax.pallas import ring
 from glmjax.model import batch as batch_lib
 from glmjax.model import layers
 from glmjax.model import rope_scaling
+from glmjax.model import config as config_lib
 from glmjax.model.config import ModelConfig
 from glmjax.model.constraints import constrain
 
@@ -117,7 +119,9 @@ def project_qkv(p: dict, x_BLD, config: ModelConfig):
     q = q + layers.bcast(p["bq"].astype(dtype), 4)
     k = k + layers.bcast(p["bk"].astype(dtype), 4)
     v = v + layers.bcast(p["bv"].astype(dtype), 4)
-  return q, k, v
+  # Names for the remat policies (ModelConfig.CHECKPOINT_NAMES); identities otherwise.
+  return (checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"),
+          checkpoint_name(v, "value_proj"))
 
 
 def encode_positions(q, k, ctx: PositionContext, config: ModelConfig):
@@ -147,7 +151,7 @@ def attention_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig
     k, v = layers.with_prefix(k, p["prefix_k"]), layers.with_prefix(v, p["prefix_v"])
   o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
                        alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
-  return project_out(p, o, config)
+  return checkpoint_name(project_out(p, checkpoint_name(o, "attention_out"), config), "attn_out_proj")
 
 
 def mlp_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
@@ -177,7 +181,7 @@ def block(layer: dict, x, ctx: PositionContext, config: ModelConfig, attn=None):
   """
   norm = functools.partial(layers.apply_norm, config.norm, eps=config.norm_eps)
   attn = attn or functools.partial(attention_sublayer, ctx=ctx, config=config)
-  mlp = functools.partial(mlp_sublayer, ctx=ctx, config=config)
+  mlp = _named_mlp(functools.partial(mlp_sublayer, ctx=ctx, config=config))
   placement = config.norm_placement
   if config.parallel_block:
     h = norm(layer["attn_norm"], x)
@@ -206,17 +210,41 @@ def block(layer: dict, x, ctx: PositionContext, config: ModelConfig, attn=None):
   raise ValueError(f"ModelConfig.norm_placement={placement!r} is not supported")
 
 
+def _named_mlp(mlp):
+  def named(p, h):
+    out, aux = mlp(p, h)
+    return checkpoint_name(out, "mlp_out"), aux
+  return named
+
+
+def remat_policy(name: str):
+  """The jax.checkpoint policy of ModelConfig.remat_policy `name`: a jax.checkpoint_policies
+  name, or one of glmjax's (config.REMAT_POLICIES, "save=...;offload=..."): the named
+  activations saved on device or offloaded to host memory (`pinned_host`; on a CPU backend that
+  is the same memory, so the policy runs there too and only TPU / GPU save HBM), the rest
+  recomputed."""
+  named = config_lib.named_remat_policy(name)
+  if named is None:
+    return getattr(jax.checkpoint_policies, name)
+  saved, offloaded = named
+  if not offloaded:
+    return jax.checkpoint_policies.save_only_these_names(*saved)
+  return jax.checkpoint_policies.save_and_offload_only_these_names(
+      names_which_can_be_saved=list(saved), names_which_can_be_offloaded=list(offloaded),
+      offload_src="device", offload_dst="pinned_host")
+
+
 def remat(fn, config: ModelConfig):
   if config.remat_policy == "none":
     return fn
-  policy = getattr(jax.checkpoint_policies, config.remat_policy)
-  return jax.checkpoint(fn, policy=policy, prevent_cse=False)
+  return jax.checkpoint(fn, policy=remat_policy(config.remat_policy), prevent_cse=False)
 
 
 def run_layers(layer_params: dict, x, ctx: PositionContext, config: ModelConfig):
   """All layers by `lax.scan` over the stacked `layers` axis (compile time flat in depth)."""
 
   def body(carry, layer):
+    carry = checkpoint_name(carry, "layer_input")
     y, aux = block(layers.materialize(layer), carry, ctx, config)
     return constrain(y, ACT_AXES), aux
 
@@ -226,22 +254,44 @@ def run_layers(layer_params: dict, x, ctx: PositionContext, config: ModelConfig)
 
 # --- Head -------------------------------------------------------------------------------------
 
-def logits_from_hidden(params: dict, x_BLD, config: ModelConfig):
-  """Final norm and vocabulary projection; float32 logits [B, L, V]."""
+def final_hidden(params: dict, x_BLD, config: ModelConfig):
+  """The final norm (when the placement has one): what the vocabulary projection reads."""
   if config.has_final_norm:
     x_BLD = layers.apply_norm(config.norm, params["final_norm"], x_BLD, config.norm_eps)
+  return x_BLD
+
+
+def head_logits(params: dict, h_BLD, config: ModelConfig):
+  """The vocabulary projection of final hidden states; float32 logits [B, L, V] (or [..., V] of
+  any leading shape: a chunk of positions in glmjax.trainer.loss.chunked_token_loss_sums)."""
   if config.tie_embeddings:
-    kernel = params["embed"]["embedding"].astype(x_BLD.dtype).T
+    kernel = params["embed"]["embedding"].astype(h_BLD.dtype).T
   else:
-    kernel = params["lm_head"]["kernel"].astype(x_BLD.dtype)
-  logits = layers.matmul_2d(x_BLD, kernel, preferred_element_type=jnp.float32)
+    kernel = params["lm_head"]["kernel"].astype(h_BLD.dtype)
+  logits = layers.matmul_2d(h_BLD, kernel, preferred_element_type=jnp.float32)
   if config.lm_head_bias:
-    logits = logits + layers.bcast(params["lm_head"]["bias"].astype(jnp.float32), 3)
+    logits = logits + layers.bcast(params["lm_head"]["bias"].astype(jnp.float32), logits.ndim)
   return logits.astype(jnp.float32)
 
 
-def forward_with_aux(params: dict, batch: dict, config: ModelConfig) -> tuple[jax.Array, dict[str, Any]]:
-  """Logits [B, L, V] (float32) and auxiliary outputs ({"moe_aux_loss": scalar})."""
+def head_params(params: dict, config: ModelConfig) -> dict:
+  """The params `head_logits` reads (so a chunked loss differentiates only these per chunk)."""
+  out = {}
+  if config.tie_embeddings:
+    out["embed"] = {"embedding": params["embed"]["embedding"]}
+  if "lm_head" in params:
+    out["lm_head"] = params["lm_head"]
+  return out
+
+
+def logits_from_hidden(params: dict, x_BLD, config: ModelConfig):
+  """Final norm and vocabulary projection; float32 logits [B, L, V]."""
+  return head_logits(params, final_hidden(params, x_BLD, config), config)
+
+
+def hidden_with_aux(params: dict, batch: dict, config: ModelConfig) -> tuple[jax.Array, dict[str, Any]]:
+  """The last layer's output [B, L, D] (compute dtype, before the final norm) and the auxiliary
+  outputs: `forward_with_aux` without the head, for a loss that never holds [B, L, V] logits."""
   validate_batch(batch, config)
   batch = default_fields(batch)
   context = ring.context_size()  # > 1: the sequence is split over devices, in zig-zag order
@@ -252,9 +302,14 @@ def forward_with_aux(params: dict, batch: dict, config: ModelConfig) -> tuple[ja
   x = constrain(embed(params, batch, config), ACT_AXES)
   x, moe_aux = run_layers(params["layers"], x, ctx, config)
   x = constrain(ring.from_zigzag(x, context), ACT_AXES)
-  logits = logits_from_hidden(params, x, config)
   aux = {"moe_aux_loss": moe_aux / config.num_layers if config.num_experts else moe_aux}
-  return logits, aux
+  return x, aux
+
+
+def forward_with_aux(params: dict, batch: dict, config: ModelConfig) -> tuple[jax.Array, dict[str, Any]]:
+  """Logits [B, L, V] (float32) and auxiliary outputs ({"moe_aux_loss": scalar})."""
+  x, aux = hidden_with_aux(params, batch, config)
+  return logits_from_hidden(params, x, config), aux
 
 
 def forward(params: dict, batch: dict, config: ModelConfig) -> jax.Array:

@@ -12,6 +12,8 @@ scatter-add (slow on CPU) and several saved intermediates.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -63,3 +65,49 @@ def token_loss_sums(logits_BLV, targets_BL, loss_mask_BL) -> dict:
       "correct_sum": jnp.sum(jax.lax.stop_gradient(correct) * weights),
       "weight_sum": jnp.sum(weights),
   }
+
+
+
+def chunked_token_loss_sums(head_fn, head_params, hidden_BLD, targets_BL, loss_mask_BL,
+                            chunk: int) -> dict:
+  """`token_loss_sums(head_fn(head_params, hidden), ...)` without [B, L, V] logits, forward or
+  backward.
+
+  The positions are cut into ceil(L / chunk) chunks of `chunk` (the last one padded with
+  weight-0 positions); a `lax.scan` over the chunks computes each chunk's [B, chunk, V] logits,
+  their per-token terms and the sums, and adds them up. Each chunk is a `jax.checkpoint` with
+  nothing saved, so the backward recomputes one chunk's logits at a time (the price: the head's
+  forward matmul once more) and the gradients of `head_params` accumulate over the chunks. Peak
+  temporaries: one chunk's float32 logits and their gradient instead of the whole sequence's.
+  Same sums as the dense path up to float summation order.
+  """
+  B, L, D = hidden_BLD.shape
+  if not isinstance(chunk, int) or chunk < 1:
+    raise ValueError(f"ModelConfig.loss_chunk_size={chunk!r} must be a positive int")
+  chunk = min(chunk, L)
+  n = -(-L // chunk)
+  pad = n * chunk - L
+  weights = loss_mask_BL.astype(jnp.float32)
+  targets = targets_BL.astype(jnp.int32)
+  if pad:
+    hidden_BLD = jnp.pad(hidden_BLD, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    weights = jnp.pad(weights, ((0, 0), (0, pad)))
+
+  def chunks(x):  # [B, n * chunk, ...] -> [n, B, chunk, ...]
+    return jnp.swapaxes(x.reshape((B, n, chunk) + x.shape[2:]), 0, 1)
+
+  @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.nothing_saveable,
+                     prevent_cse=False)
+  def chunk_sums(hp, h, t, w):
+    nll, log_z, correct = token_terms(head_fn(hp, h), t)
+    return (jnp.sum(nll * w), jnp.sum(jnp.square(log_z) * w),
+            jnp.sum(jax.lax.stop_gradient(correct) * w), jnp.sum(w))
+
+  def body(acc, xs):
+    return tuple(a + s for a, s in zip(acc, chunk_sums(head_params, *xs))), None
+
+  zero = jnp.zeros((), jnp.float32)
+  (nll_sum, z_sum, correct_sum, weight_sum), _ = jax.lax.scan(
+      body, (zero, zero, zero, zero), (chunks(hidden_BLD), chunks(targets), chunks(weights)))
+  return {"nll_sum": nll_sum, "z_sum": z_sum, "correct_sum": correct_sum, "weight_sum": weight_sum}

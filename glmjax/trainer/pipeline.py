@@ -87,9 +87,8 @@ def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: in
   return jax.lax.psum(outputs, STAGE_AXIS), jax.lax.psum(aux_total, STAGE_AXIS)
 
 
-def forward_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbatches: int):
-  """Logits [B, L, V] and {"moe_aux_loss"} as glmjax.model.forward_with_aux, the layers run as a
-  GPipe pipeline over the active mesh's `stage` axis (see the module docstring)."""
+def _hidden_all(params: dict, batch: dict, config: ModelConfig, microbatches: int):
+  """The last layer's outputs [M, B / M, L, D] and the summed MoE aux of the pipeline."""
   stages = stage_count()
   transformer.validate_batch(batch, config)
   batch = transformer.default_fields(batch)
@@ -108,9 +107,23 @@ def forward_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbat
     h_all, aux = jax.shard_map(fn, mesh=mesh, in_specs=(layer_specs, P(), P()), out_specs=(P(), P()),
                                axis_names=frozenset({STAGE_AXIS}), check_vma=False)(
                                    params["layers"], x_all, ctx_all)
-  logits = merge(jax.vmap(lambda h: transformer.logits_from_hidden(params, h, config))(h_all))
   aux = aux / microbatches
-  return logits, {"moe_aux_loss": aux / config.num_layers if config.num_experts else aux}
+  return h_all, {"moe_aux_loss": aux / config.num_layers if config.num_experts else aux}
+
+
+def forward_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbatches: int):
+  """Logits [B, L, V] and {"moe_aux_loss"} as glmjax.model.forward_with_aux, the layers run as a
+  GPipe pipeline over the active mesh's `stage` axis (see the module docstring)."""
+  h_all, aux = _hidden_all(params, batch, config, microbatches)
+  logits = merge(jax.vmap(lambda h: transformer.logits_from_hidden(params, h, config))(h_all))
+  return logits, aux
+
+
+def hidden_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbatches: int):
+  """The last layer's outputs [B, L, D] and {"moe_aux_loss"} as
+  glmjax.model.transformer.hidden_with_aux, through the pipeline (a chunked loss's input)."""
+  h_all, aux = _hidden_all(params, batch, config, microbatches)
+  return merge(h_all), aux
 
 
 def _stage_body_single(layer_params, x_all, ctx_all, config):

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from glmjax import sharding as shd
-from glmjax.model import ModelConfig, forward_with_aux, init_params
+from glmjax.model import ModelConfig, forward_with_aux, init_params, transformer
 from glmjax.model.batch import BATCH_KEYS
 from glmjax.model.batch import dtype_of as batch_dtype
 from glmjax.model.constraints import constrain
@@ -62,11 +62,28 @@ def split_microbatches(batch: dict, microbatches: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def loss_and_sums(params, batch: dict, model_config: ModelConfig, total_weight, z_loss: float,
-                  aux_scale: float, forward=forward_with_aux):
-  """(objective, sums): objective = (nll + z * z_sum) / total_weight + aux_scale * moe_aux."""
+def token_sums_and_aux(params, batch: dict, model_config: ModelConfig, forward=forward_with_aux,
+                       hidden_forward=transformer.hidden_with_aux):
+  """(loss_lib sums, aux) of `batch`: from [B, L, V] logits (`forward`) with
+  ModelConfig.loss_impl 'dense', or with 'chunked' from the last hidden states (`hidden_forward`)
+  through the head `loss_chunk_size` positions at a time (loss.chunked_token_loss_sums)."""
+  if model_config.loss_impl == "chunked":
+    x, aux = hidden_forward(params, batch, model_config)
+    h = transformer.final_hidden(params, x, model_config)
+    head = lambda hp, h_chunk: transformer.head_logits(hp, h_chunk, model_config)  # noqa: E731
+    sums = loss_lib.chunked_token_loss_sums(
+        head, transformer.head_params(params, model_config), h, batch["targets"],
+        batch["loss_mask"], model_config.loss_chunk_size)
+    return sums, aux
   logits, aux = forward(params, batch, model_config)
-  sums = loss_lib.token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+  return loss_lib.token_loss_sums(logits, batch["targets"], batch["loss_mask"]), aux
+
+
+def loss_and_sums(params, batch: dict, model_config: ModelConfig, total_weight, z_loss: float,
+                  aux_scale: float, forward=forward_with_aux,
+                  hidden_forward=transformer.hidden_with_aux):
+  """(objective, sums): objective = (nll + z * z_sum) / total_weight + aux_scale * moe_aux."""
+  sums, aux = token_sums_and_aux(params, batch, model_config, forward, hidden_forward)
   moe = aux["moe_aux_loss"]
   weight = model_config.router_aux_loss_weight if model_config.num_experts else 0.0
   objective = (sums["nll_sum"] + z_loss * sums["z_sum"]) / total_weight + weight * aux_scale * moe
@@ -95,7 +112,9 @@ def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepC
   m = step_config.microbatches
   if pipeline.stage_count() > 1:  # the microbatches flow through the `stage` axis (GPipe)
     forward = functools.partial(pipeline.forward_with_aux, microbatches=m)
-    return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0, forward)
+    hidden = functools.partial(pipeline.hidden_with_aux, microbatches=m)
+    return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0, forward,
+                   hidden)
   if m == 1:
     return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0)
 
@@ -144,8 +163,7 @@ def train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer
 
 
 def eval_sums(params, batch: dict, *, model_config: ModelConfig) -> dict:
-  logits = forward_with_aux(params, batch, model_config)[0]
-  return loss_lib.token_loss_sums(logits, batch["targets"], batch["loss_mask"])
+  return token_sums_and_aux(params, batch, model_config)[0]
 
 
 class TrainProgram:
