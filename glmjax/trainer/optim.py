@@ -9,6 +9,7 @@ second moments, constant learning rate 1e-3).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Optional
 
 import jax
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("adamw", "adafactor")
+STATE_DTYPES = ("", "float32", "bfloat16")  # "": the param dtype (optax's default)
+STATE_SHARDINGS = ("params", "data")
 SCHEDULES = ("constant", "linear", "warmup_cosine", "rsqrt")
 BIAS_NAMES = frozenset({"bias", "bq", "bk", "bv", "bo"})
 
@@ -39,6 +42,14 @@ class OptimizerConfig:
   adafactor_momentum: Optional[float] = None
   adafactor_multiply_by_parameter_scale: bool = True
   adafactor_min_dim_size_to_factor: int = 128
+  # Memory of the optimizer state. mu_dtype / nu_dtype: the dtype Adam's first / second moments
+  # are stored in ("" = the param's; "bfloat16" halves them; the update itself is computed in
+  # float32). Adafactor: mu_dtype is its momentum's dtype. state_sharding "data": every state
+  # leaf also split over the mesh's `data` axis (ZeRO-1 style, where params are replicated over
+  # data); "params": the state sharded as its param.
+  mu_dtype: str = ""
+  nu_dtype: str = ""
+  state_sharding: str = "params"
 
 
 def validate(config: OptimizerConfig) -> None:
@@ -52,6 +63,16 @@ def validate(config: OptimizerConfig) -> None:
     raise ValueError("OptimizerConfig.warmup_steps and decay_steps must be >= 0")
   if not 0.0 <= config.final_lr_ratio <= 1.0:
     raise ValueError(f"OptimizerConfig.final_lr_ratio={config.final_lr_ratio} must be in [0, 1]")
+  for field in ("mu_dtype", "nu_dtype"):
+    if getattr(config, field) not in STATE_DTYPES:
+      raise ValueError(f"OptimizerConfig.{field}={getattr(config, field)!r} is not one of "
+                       f"{STATE_DTYPES} ('' = the param dtype)")
+  if config.name == "adafactor" and config.nu_dtype:
+    raise ValueError("OptimizerConfig.nu_dtype applies to adamw; Adafactor's factored second "
+                     "moments are small (leave nu_dtype '')")
+  if config.state_sharding not in STATE_SHARDINGS:
+    raise ValueError(f"OptimizerConfig.state_sharding={config.state_sharding!r} is not one of "
+                     f"{STATE_SHARDINGS}")
   if config.grad_clip_norm < 0:
     raise ValueError(f"OptimizerConfig.grad_clip_norm={config.grad_clip_norm} must be >= 0 (0 disables)")
 
@@ -107,14 +128,48 @@ def weight_decay_mask(params, config: OptimizerConfig):
   return jax.tree_util.tree_map_with_path(lambda path, _: decays(path, config), params)
 
 
+def scale_by_adam_dtypes(b1: float, b2: float, eps: float, mu_dtype: str, nu_dtype: str
+                         ) -> optax.GradientTransformation:
+  """optax.scale_by_adam with both moments stored in the given dtypes ("" = the param's): the
+  moments and the bias-corrected update are computed in float32 from the stored ones, then the
+  moments are rounded to their storage dtype. Its state is optax.ScaleByAdamState (mu, nu keyed
+  like the params, so they shard as their params)."""
+  f32 = jnp.float32
+
+  def init(params):
+    zeros = lambda dtype: jax.tree.map(  # noqa: E731
+        lambda p: jnp.zeros(p.shape, jnp.dtype(dtype) if dtype else p.dtype), params)
+    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=zeros(mu_dtype), nu=zeros(nu_dtype))
+
+  def update(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda g, m: b1 * m.astype(f32) + (1.0 - b1) * g.astype(f32), updates, state.mu)
+    nu = jax.tree.map(lambda g, v: b2 * v.astype(f32) + (1.0 - b2) * jnp.square(g.astype(f32)),
+                      updates, state.nu)
+    count = optax.safe_increment(state.count)
+    c1 = 1.0 - b1 ** count.astype(f32)
+    c2 = 1.0 - b2 ** count.astype(f32)
+    new = jax.tree.map(lambda g, m, v: ((m / c1) / (jnp.sqrt(v / c2) + eps)).astype(g.dtype),
+                       updates, mu, nu)
+    cast = lambda tree, old: jax.tree.map(lambda x, o: x.astype(o.dtype), tree, old)  # noqa: E731
+    return new, optax.ScaleByAdamState(count=count, mu=cast(mu, state.mu), nu=cast(nu, state.nu))
+
+  return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config: OptimizerConfig, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
   """(optimizer, schedule). Gradient clipping, when on, comes first (global norm of the raw grads)."""
   validate(config)
   schedule = learning_rate_schedule(config, num_steps)
   mask = lambda params: weight_decay_mask(params, config)  # noqa: E731
-  if config.name == "adamw":
+  if config.name == "adamw" and not (config.mu_dtype or config.nu_dtype):
     core = optax.adamw(schedule, b1=config.b1, b2=config.b2, eps=config.eps,
                        weight_decay=config.weight_decay, mask=mask)
+  elif config.name == "adamw":  # optax.adamw's chain, the moments in their own dtypes
+    core = optax.chain(
+        scale_by_adam_dtypes(config.b1, config.b2, config.eps, config.mu_dtype, config.nu_dtype),
+        optax.add_decayed_weights(config.weight_decay, mask),
+        optax.scale_by_learning_rate(schedule))
   else:
     core = optax.adafactor(
         schedule, min_dim_size_to_factor=config.adafactor_min_dim_size_to_factor,
@@ -122,7 +177,40 @@ def make_optimizer(config: OptimizerConfig, num_steps: int) -> tuple[optax.Gradi
         multiply_by_parameter_scale=config.adafactor_multiply_by_parameter_scale,
         clipping_threshold=config.adafactor_clipping_threshold or None,
         momentum=config.adafactor_momentum,
+        dtype_momentum=jnp.dtype(config.mu_dtype or "float32"),
         weight_decay_rate=config.weight_decay or None, weight_decay_mask=mask)
   if config.grad_clip_norm:
     return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), core), schedule
   return core, schedule
+
+
+def shard_state_over(state_shardings, abstract_state, mesh, axes=("data",)):
+  """`state_shardings` with each array leaf also split over the mesh `axes` (OptimizerConfig.
+  state_sharding = "data"): on its first dimension that the extra split still divides and that
+  does not use those axes already. Leaves no dimension divides stay as they were; so do scalars.
+  The update then runs on the shards and XLA gathers the new params (ZeRO-1)."""
+  from jax.sharding import NamedSharding, PartitionSpec  # pylint: disable=import-outside-toplevel
+  axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+
+  def entries(entry):
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+  def extend(sharding, leaf):
+    shape = getattr(leaf, "shape", ())
+    if not axes or not isinstance(sharding, NamedSharding) or not shape:
+      return sharding
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    used = {a for e in spec for a in entries(e)}
+    extra = tuple(a for a in axes if a not in used)
+    if not extra:
+      return sharding
+    size = math.prod(mesh.shape[a] for a in extra)
+    for dim, entry in enumerate(spec):
+      parts = math.prod(mesh.shape[a] for a in entries(entry)) * size
+      if shape[dim] % parts == 0:
+        spec[dim] = entries(entry) + extra
+        return NamedSharding(mesh, PartitionSpec(*spec))
+    return sharding
+
+  return jax.tree.map(extend, state_shardings, abstract_state,
+                      is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))

@@ -190,6 +190,9 @@ class TrainProgram:
     self.abstract_params = jax.eval_shape(self._init_params, jax.random.PRNGKey(0))
     opt_shardings = shd.opt_state_shardings(self.optimizer, self.abstract_params, self.param_shardings,
                                             self.mesh)
+    if optimizer_config.state_sharding == "data":
+      opt_shardings = optim.shard_state_over(
+          opt_shardings, jax.eval_shape(self.optimizer.init, self.abstract_params), self.mesh)
     self.state_shardings = {"step": rep, "params": self.param_shardings, "opt_state": opt_shardings,
                             "rng": rep, "nonfinite_streak": rep, "nonfinite_total": rep}
     self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
