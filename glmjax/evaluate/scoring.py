@@ -91,11 +91,17 @@ class RowScore:
   correct: int  # scored tokens that are the argmax
 
 
-def score_rows(params, config: ModelConfig, rows: Sequence[dict], *, batch_size: int = 8) -> list[RowScore]:
-  """Teacher-forced scores of rows (batch-contract fields + targets + loss_mask, as lists)."""
+def score_rows(params, config: ModelConfig, rows: Sequence[dict], *, batch_size: int = 8,
+               length: int = 0) -> list[RowScore]:
+  """Teacher-forced scores of rows (batch-contract fields + targets + loss_mask, as lists).
+
+  Batches are [batch_size, length] (`length` 0: the longest row rounded up to 16)."""
   if not rows:
     return []
-  length = bucket_length(max(len(r["tokens"]) for r in rows), config)
+  longest = max(len(r["tokens"]) for r in rows)
+  if length and longest > length:
+    raise ValueError(f"a scored row has {longest} tokens, more than length={length}")
+  length = length or bucket_length(longest, config)
   out = []
   for _, chunk in _batches(rows, batch_size):
     batch = stack_rows(chunk, length, batch_size)
