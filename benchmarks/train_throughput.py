@@ -3,6 +3,7 @@
 
     python benchmarks/train_throughput.py                # one round, ~3-4 minutes on 2 cores
     python benchmarks/train_throughput.py --rounds 2     # alternate the implementations twice
+    python benchmarks/train_throughput.py --paired glmjax hf_eager --pairs 8   # A/B, steps alternating
 
 In one run, each in its own process, one after the other:
   matmul peak  ../shared/bench/matmul_peak.py (JAX and torch float32 2048^3)
@@ -17,6 +18,12 @@ Every implementation trains the same shape (vocab 8192, d 512, 8 layers, 8 heads
 (N without the input embedding). Reported: median step time over the timed steps,
 tokens/s, MFU against the run's JAX and torch matmul peaks, and the ratio to HF eager.
 The last line is `RESULT_JSON: {...}`.
+
+Paired mode (`--paired A B`): both implementations are alive at once, each in its own
+process, warmed up, then driven one step at a time, A B, B A, A B, ... so load drift on a
+shared machine hits both alike; each pair gives the ratio t_B / t_A (A's speed over B's), and
+the median ratio is the last printed figure. hf_eager there is the same HF LlamaForCausalLM
+step as ../shared/bench/hf_llama_train.py (config, AdamW, clip) driven by this file.
 """
 
 from __future__ import annotations
@@ -130,6 +137,8 @@ def child_glmjax(args) -> None:
     state["s"], metrics = program.train_step(state["s"], program.global_batch(host))
     return float(metrics["loss"])
 
+  if args.serve:
+    return serve(step, args.warmup, dict(impl="glmjax", remat=args.remat, attention=args.attention))
   times, losses, refs = _time_steps(step, args.warmup, args.steps)
   extra = dict(remat=args.remat, attention=args.attention, init_s=init_s,
                xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)
@@ -256,8 +265,199 @@ def child_plain_jax(args) -> None:
     state["p"], state["o"], loss = train_step(state["p"], state["o"], tokens[:, :-1], tokens[:, 1:])
     return float(loss)
 
+  if args.serve:
+    return serve(step, args.warmup, dict(impl="plain_jax"))
   times, losses, refs = _time_steps(step, args.warmup, args.steps)
   result_line(_summary("plain_jax", times, losses, refs, args.warmup, dict(jax=jax.__version__)))
+
+
+def peak_rss_mib() -> float:
+  import resource
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def serve(step, warmup: int, info: dict) -> None:
+  """Paired mode's child: warm up, print READY, then one step per "step" line on stdin
+  (answering "STEP <seconds> <loss>"), until "quit"; last line RESULT_JSON with peak RSS."""
+  for i in range(warmup):
+    step(i)
+  print("READY", flush=True)
+  i = warmup
+  for line in sys.stdin:
+    if line.strip() != "step":
+      break
+    t0 = time.perf_counter()
+    loss = step(i)
+    print(f"STEP {time.perf_counter() - t0:.6f} {loss:.6f}", flush=True)
+    i += 1
+  result_line(dict(info, peak_rss_mib=peak_rss_mib(), steps=i))
+
+
+def child_hf_eager(args) -> None:
+  """HF LlamaForCausalLM float32 eager step, set up as ../shared/bench/hf_llama_train.py does
+  (same LlamaConfig, sdpa attention, torch AdamW, clip_grad_norm_ 1.0; labels = inputs)."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+  torch.manual_seed(0)
+  cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=D, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                    num_attention_heads=HEADS, num_key_value_heads=KV, head_dim=HEAD_DIM,
+                    max_position_embeddings=SEQ, rms_norm_eps=1e-5,
+                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
+                    use_cache=False, hidden_act="silu", attention_bias=False, mlp_bias=False,
+                    initializer_range=0.02)
+  cfg._attn_implementation = "sdpa"  # pylint: disable=protected-access
+  model = LlamaForCausalLM(cfg).float()
+  model.train()
+  opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+  def step(i):
+    x = torch.from_numpy(random_tokens(i)[:, :SEQ].astype("int64"))
+    loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+  serve(step, args.warmup, dict(impl="hf_eager", torch=torch.__version__, threads=torch.get_num_threads()))
+
+
+def child_matmul(args) -> None:
+  """A 'step' of 4 float32 2048^3 matmuls in JAX or torch: the in-run matmul rate to pair with."""
+  n, reps = 2048, 4
+  if args.child == "matmul_torch":
+    import torch
+    a, b, out = torch.randn(n, n), torch.randn(n, n), torch.empty(n, n)
+
+    def step(i):
+      for _ in range(reps):
+        torch.matmul(a, b, out=out)
+      return 0.0
+  else:
+    import jax
+    import jax.numpy as jnp
+    a = jnp.ones((n, n), jnp.float32)
+    mm = jax.jit(lambda x: x @ x)
+
+    def step(i):
+      for _ in range(reps):
+        mm(a).block_until_ready()
+      return 0.0
+  serve(step, max(args.warmup, 2), dict(impl=args.child, gflops_per_step=2.0 * n**3 * reps / 1e9))
+
+
+# Paired-mode names may carry an ISA cap: "glmjax@avx2" runs the child with XLA and ATen limited to AVX2.
+ISA_ENV = {"avx2": {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+PAIRED_IMPLS = ("glmjax", "hf_eager", "plain_jax", "matmul_jax", "matmul_torch")
+
+
+def _parse_paired(text: str) -> tuple[str, dict, str]:
+  """"impl[,key=value...][@isa]" -> (impl, glmjax option overrides, isa)."""
+  spec, _, isa = text.partition("@")
+  impl, *options = spec.split(",")
+  overrides = dict(option.split("=", 1) for option in options if "=" in option)
+  bad = [o for o in options if "=" not in o] + [k for k in overrides if k not in ("remat", "attention")]
+  if impl not in PAIRED_IMPLS or (isa and isa not in ISA_ENV) or bad or (overrides and impl != "glmjax"):
+    raise argparse.ArgumentTypeError(
+        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][@avx2] with IMPL in {PAIRED_IMPLS} "
+        "(remat / attention only for glmjax)")
+  return impl, overrides, isa
+
+
+def paired_name(text: str) -> str:
+  _parse_paired(text)
+  return text
+
+
+def _child_command(name: str, args) -> tuple[list, dict]:
+  impl, overrides, isa = _parse_paired(name)
+  me = [sys.executable, os.path.abspath(__file__), "--warmup", str(args.warmup), "--serve", "--child", impl]
+  if impl == "glmjax":
+    me += ["--remat", overrides.get("remat", args.remat), "--attention", overrides.get("attention", args.attention)]
+  env = dict(os.environ)
+  if isa:
+    env.update(ISA_ENV[isa])
+    env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), ISA_ENV[isa]["XLA_FLAGS"]]))
+  return me, env
+
+
+def _gflop_per_step(name: str, final: dict) -> float:
+  return final.get("gflops_per_step", flops_per_token() * TOKENS / 1e9)
+
+
+class _Server:
+  """One paired-mode child process."""
+
+  def __init__(self, impl: str, args):
+    self.impl = impl
+    command, env = _child_command(impl, args)
+    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
+    self.log: list = []
+
+  def _read_until(self, prefix: str) -> str:
+    for line in self.proc.stdout:
+      if line.startswith(prefix):
+        return line
+      self.log.append(line)
+    raise RuntimeError(f"{self.impl} child ended before {prefix!r}:\n" + "".join(self.log[-30:]))
+
+  def ready(self) -> None:
+    self._read_until("READY")
+
+  def step(self) -> tuple[float, float]:
+    self.proc.stdin.write("step\n")
+    self.proc.stdin.flush()
+    _, seconds, loss = self._read_until("STEP ").split()
+    return float(seconds), float(loss)
+
+  def close(self) -> dict:
+    self.proc.stdin.write("quit\n")
+    self.proc.stdin.flush()
+    result = parse_result(self._read_until("RESULT_JSON: "))
+    self.proc.wait()
+    return result
+
+
+def paired(args) -> None:
+  """A/B with both alive; prints per-pair times and the median ratio (A's tokens/s over B's) last."""
+  a_name, b_name = args.paired
+  t_start = time.perf_counter()
+  servers = {name: _Server(name, args) for name in (a_name, b_name)}
+  try:
+    for server in servers.values():
+      server.ready()
+    print(f"both warm after {time.perf_counter() - t_start:.0f} s; {args.pairs} pairs "
+          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    times = {a_name: [], b_name: []}
+    ratios = []
+    for pair in range(args.pairs):
+      order = (a_name, b_name) if pair % 2 == 0 else (b_name, a_name)
+      for name in order:
+        times[name].append(servers[name].step()[0])
+      ratios.append(times[b_name][-1] / times[a_name][-1])
+      print(f"pair {pair}: {a_name} {times[a_name][-1]:.2f} s, {b_name} {times[b_name][-1]:.2f} s, "
+            f"ratio {ratios[-1]:.3f} (load {os.getloadavg()[0]:.1f})", flush=True)
+    finals = {name: server.close() for name, server in servers.items()}
+  finally:
+    for server in servers.values():
+      if server.proc.poll() is None:
+        server.proc.kill()
+  rates = {}
+  for name in (a_name, b_name):
+    med = statistics.median(times[name])
+    rates[name] = [_gflop_per_step(name, finals[name]) / t for t in times[name]]
+    tokens = f"{TOKENS / med:.0f} tokens/s, " if "gflops_per_step" not in finals[name] else ""
+    print(f"{name:10s} median step {med:.3f} s, {tokens}{statistics.median(rates[name]):.0f} GFLOP/s, "
+          f"peak RSS {finals[name]['peak_rss_mib']:.0f} MiB")
+  ratio = statistics.median(ratios)
+  rate_ratio = statistics.median(ra / rb for ra, rb in zip(rates[a_name], rates[b_name]))
+  result_line(dict(paired=[a_name, b_name], ratios=ratios, times=times, finals=finals,
+                   remat=args.remat, attention=args.attention, xla_flags=os.environ.get("XLA_FLAGS", ""),
+                   wall_s=time.perf_counter() - t_start))
+  print(f"median GFLOP/s ratio {a_name} / {b_name}: {rate_ratio:.3f}")
+  print(f"median ratio {a_name} / {b_name} (step speed) over {len(ratios)} pairs: {ratio:.3f} "
+        f"(range {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
 
 
 # --- driver -----------------------------------------------------------------------------------
@@ -288,12 +488,18 @@ def main() -> None:
   parser.add_argument("--attention", default="dense", help="glmjax ModelConfig.attention_impl")
   parser.add_argument("--profile", action="store_true",
                       help="also trace one glmjax step and print where its XLA op time goes")
-  parser.add_argument("--child", choices=["glmjax", "plain_jax"], help=argparse.SUPPRESS)
+  parser.add_argument("--paired", nargs=2, metavar=("A", "B"), type=paired_name,
+                      help=f"A/B mode: both alive, steps alternating; prints the median ratio A/B last. "
+                           f"A, B in {PAIRED_IMPLS}, each optionally @avx2 (XLA and ATen capped at AVX2)")
+  parser.add_argument("--pairs", type=int, default=6)
+  parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
+  parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  if args.child == "glmjax":
-    return child_glmjax(args)
-  if args.child == "plain_jax":
-    return child_plain_jax(args)
+  if args.child:
+    return {"glmjax": child_glmjax, "plain_jax": child_plain_jax, "hf_eager": child_hf_eager,
+            "matmul_jax": child_matmul, "matmul_torch": child_matmul}[args.child](args)
+  if args.paired:
+    return paired(args)
 
   t_start = time.perf_counter()
   load_start = os.getloadavg()
