@@ -14,7 +14,8 @@ answer, rationale}:
                 " The answer is X."
   few_shot_cot  k exemplars with their rationales, then the CoT question
 Each format has several templates; one is drawn per example (seeded), and
-the exemplars use the same template as the question. Options (multiple
+the exemplars use the same template as the question. Templates may also use
+the record's other scalar string fields (e.g. {premise}, {hypothesis}). Options (multiple
 choice, one per line in `options`) are rendered as "OPTIONS:\n- a\n- b".
 Also kept per example for evaluation: inputs_pretokenized,
 targets_pretokenized and answer (strings).
@@ -53,13 +54,16 @@ EXEMPLAR_SEPARATOR = "\n\n"
 _FIELD = re.compile(r"\{(\w+)\}")
 
 
-def _parse_template(template: str) -> list[tuple[bool, str]]:
-  """'Q: {question}' -> [(False, 'Q: '), (True, 'question')]."""
+TEMPLATE_FIELDS = ("question", "options", "answer", "rationale")
+
+
+def _parse_template(template: str, fields: Sequence[str] = TEMPLATE_FIELDS) -> list[tuple[bool, str]]:
+  """'Q: {question}' -> [(False, 'Q: '), (True, 'question')]; `fields`: the names it may use."""
   parts, last = [], 0
   for match in _FIELD.finditer(template):
-    if match.group(1) not in ("question", "options", "answer", "rationale"):
+    if match.group(1) not in fields:
       raise ValueError(f"template {template!r} uses unknown field {{{match.group(1)}}}; "
-                       "fields are {question} {options} {answer} {rationale}")
+                       f"fields are {' '.join('{' + f + '}' for f in fields)}")
     parts.append((False, template[last:match.start()]))
     parts.append((True, match.group(1)))
     last = match.end()
@@ -69,7 +73,7 @@ def _parse_template(template: str) -> list[tuple[bool, str]]:
 
 def render(template: str, fields: Mapping[str, tf.Tensor]) -> tf.Tensor:
   """Fills a template with string tensors (scalars or same-shape vectors)."""
-  pieces = [fields[name] if is_field else name for is_field, name in _parse_template(template)]
+  pieces = [fields[name] if is_field else name for is_field, name in _parse_template(template, tuple(fields))]
   like = next(iter(fields.values()))
   pieces = [tf.fill(tf.shape(like), p) if isinstance(p, str) else p for p in pieces]
   return tf.strings.join(pieces) if pieces else tf.fill(tf.shape(like), "")
@@ -81,9 +85,16 @@ def render_options(options: tf.Tensor) -> tf.Tensor:
   return tf.where(tf.strings.length(options) > 0, listed, tf.fill(tf.shape(options), ""))
 
 
-def _fields(record: Mapping[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+def _fields(record: Mapping[str, tf.Tensor], extra: Sequence[str] = ()) -> dict[str, tf.Tensor]:
   return {"question": record["question"], "options": render_options(record["options"]),
-          "answer": record["answer"], "rationale": record["rationale"]}
+          "answer": record["answer"], "rationale": record["rationale"], **{k: record[k] for k in extra}}
+
+
+def extra_fields(element_spec: Mapping[str, tf.TensorSpec]) -> tuple[str, ...]:
+  """The record's scalar string fields beyond QA_FIELDS, which templates may also use."""
+  return tuple(sorted(k for k, spec in element_spec.items()
+                      if k not in QA_FIELDS and isinstance(spec, tf.TensorSpec)
+                      and spec.dtype == tf.string and spec.shape.rank == 0))
 
 
 def _choose(rendered: Sequence[tf.Tensor], index: tf.Tensor) -> tf.Tensor:
@@ -115,20 +126,23 @@ def flan(dataset: tf.data.Dataset,
          format: str = "zero_shot",  # pylint: disable=redefined-builtin
          exemplars: Optional[Callable[[], Sequence[Mapping]]] = None,
          num_exemplars: int = 3,
+         answer_separator: str = " ",
          templates: Optional[Sequence[tuple[str, str]]] = None) -> tf.data.Dataset:
   """Flan-format QA records -> flat GLM examples (see module docstring).
 
   `exemplars` returns the few-shot pool (the task's train records); it is
-  called once, when the dataset is built.
+  called once, when the dataset is built. `answer_separator` joins an
+  exemplar's prompt and answer ("\n" suits prompts that end in an option list).
   """
   if format not in FLAN_FORMATS:
     raise ValueError(f"format={format!r} is not one of {FLAN_FORMATS}")
   templates = tuple(templates or DEFAULT_TEMPLATES[format])
-  for prompt_t, target_t in templates:
-    _parse_template(prompt_t), _parse_template(target_t)
   missing = [f for f in QA_FIELDS if f not in dataset.element_spec]
   if missing:
     raise ValueError(f"flan format needs record fields {QA_FIELDS}; the dataset lacks {missing}")
+  extra = extra_fields(dataset.element_spec)
+  for prompt_t, target_t in templates:
+    _parse_template(prompt_t, TEMPLATE_FIELDS + extra), _parse_template(target_t, TEMPLATE_FIELDS + extra)
   few_shot = format.startswith("few_shot")
   if few_shot:
     if exemplars is None:
@@ -139,7 +153,7 @@ def flan(dataset: tf.data.Dataset,
     if len(pool_records) <= num_exemplars:
       raise ValueError(f"the exemplar pool has {len(pool_records)} records; few-shot with "
                        f"num_exemplars={num_exemplars} needs more")
-    pool = {f: tf.constant([str(r[f]) for r in pool_records]) for f in QA_FIELDS if f != "id"}
+    pool = {f: tf.constant([str(r[f]) for r in pool_records]) for f in QA_FIELDS[1:] + extra}
     pool["id"] = tf.constant([int(r["id"]) for r in pool_records], tf.int64)
   vocabulary = objectives.vocabulary_of(output_features)
   max_length = objectives.row_length(sequence_length)
@@ -148,14 +162,14 @@ def flan(dataset: tf.data.Dataset,
   def make_example(record, seed):
     template_seed, exemplar_seed = objectives.split_seeds(seed, 2)
     choice = tf.random.stateless_uniform([], template_seed, 0, len(templates), dtype=tf.int32)
-    fields = _fields(record)
+    fields = _fields(record, extra)
     prompt = _choose([render(p, fields) for p, _ in templates], choice)
     target = _choose([render(t, fields) for _, t in templates], choice)
     if few_shot:
       picked = sample_exemplars(pool["id"], record["id"], num_exemplars, exemplar_seed)
-      shots = _fields({k: tf.gather(v, picked) for k, v in pool.items()})
-      shot_texts = [tf.strings.join([render(p, shots), tf.fill([num_exemplars], " "), render(t, shots)])
-                    for p, t in templates]
+      shots = _fields({k: tf.gather(v, picked) for k, v in pool.items()}, extra)
+      joint = tf.fill([num_exemplars], answer_separator)
+      shot_texts = [tf.strings.join([render(p, shots), joint, render(t, shots)]) for p, t in templates]
       block = tf.strings.reduce_join(_choose(shot_texts, choice), separator=EXEMPLAR_SEPARATOR)
       prompt = tf.strings.join([block, EXEMPLAR_SEPARATOR, prompt])
     example = _text_to_text(vocabulary, prompt, target, max_length)

@@ -16,6 +16,7 @@ Registered on `import glmjax.tasks` (splits: train, validation):
                                      which Shakespeare play is this passage from (4 options)
   glmjax_flan                        mixture of the eight Flan tasks (four formats)
   glmjax_chat_arith                  ChatGLM3 multi-turn chats with an observation turn
+  glmjax_flan_real_*                 Flan over real datasets (ARC, BoolQ, ..., MMLU; glmjax.tasks.flan)
 """
 
 from __future__ import annotations
@@ -222,3 +223,5 @@ def register_all() -> None:
       flan_tasks.append(register_flan_task(f"glmjax_flan_{data}_{fmt}", load, format=fmt).name)
   seqio.MixtureRegistry.add("glmjax_flan", [(name, 1.0) for name in flan_tasks])
   register_chat_task("glmjax_chat_arith", sources.records_source(chat_arith_records, SPLITS, ["roles", "contents"]))
+  from glmjax.tasks import flan as flan_real  # pylint: disable=import-outside-toplevel
+  flan_real.register()  # real datasets (glmjax.tasks.flan): registers names only, reads no data
