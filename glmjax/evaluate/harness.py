@@ -29,8 +29,11 @@ shipped split is cut by a salted hash (olmo_data.hash_split, EVAL_FRACTION, salt
 "glmjax.flan/<name>" -- the same cut as the Flan training tasks when their split key is
 importable) into a few-shot pool ("train") and the evaluated part ("validation"); MMLU's pool is
 its dev split, the evaluated part its test split. Exemplars are drawn as harness's default
-sampler draws them: one random.Random(1234) for the task, `rnd.sample(pool, k)` per evaluated
-document in order (MMLU: sampler first_n); so with the same documents both draw the same ones.
+sampler draws them when it is handed the evaluated document (lm-eval does so when the config's
+fewshot split equals its test split, None == None for a config with neither, as the parity
+configs): one random.Random(1234) for the task, per evaluated document in order
+`rnd.sample(pool, k + 1)`, the document removed, the first k kept (MMLU: sampler first_n, the
+first k of dev); so with the same documents both draw the same exemplars.
 
 Scoring: multiple choice by the summed log-probability of each continuation (`acc`) and by that
 sum divided by the continuation's length in characters (`acc_norm`, harness's
@@ -275,10 +278,11 @@ def fewshot_exemplars(dataset: str, pool: Sequence[dict], docs: Sequence[dict], 
   if dataset.startswith("mmlu_"):  # sampler first_n
     return [[x for x in pool if x != doc][:k] for doc in docs]
   rnd = random.Random(seed)
+  pool = list(pool)
   out = []
-  for doc in docs:
-    shots = rnd.sample(list(pool), k)
-    if doc in shots:
+  for doc in docs:  # ContextSampler.sample with eval_doc: k + 1 drawn, the doc removed, k kept
+    shots = [x for x in rnd.sample(pool, k + 1) if x != doc][:k]
+    if len(shots) < k:
       shots = rnd.sample([x for x in pool if x != doc], k)
     out.append(shots)
   return out
@@ -411,9 +415,19 @@ class HarnessConfig:
   log_samples: int = 0  # keep this many rendered prompts per task in the results
 
 
+def split_limit(name: str) -> tuple[str, Optional[int]]:
+  """'harness:boolq@40' -> ('harness:boolq', 40): a per-task --limit; no '@': (name, None)."""
+  base, at, n = name.partition("@")
+  if not at:
+    return name, None
+  if not n.isdigit():
+    raise ValueError(f"{name!r}: the limit after '@' must be a whole number of documents")
+  return base, int(n)
+
+
 def parse_task(name: str) -> tuple[str, str]:
   """'harness:arc_easy' -> ('harness', 'arc_easy'); 'harness:mmlu' stays whole (expand_names)."""
-  namespace, _, dataset = name.partition(":")
+  namespace, _, dataset = split_limit(name)[0].partition(":")
   if namespace not in NAMESPACES or not dataset:
     raise ValueError(f"{name!r} is not <namespace>:<task> with namespace one of {NAMESPACES}")
   return namespace, dataset
@@ -423,16 +437,18 @@ def expand_names(names: Sequence[str]) -> list[str]:
   """Checks every name; 'harness:mmlu' becomes its 57 subjects. Unknown -> ValueError."""
   from glmjax.tasks import olmo_data  # pylint: disable=import-outside-toplevel
   out = []
-  for name in names:
+  for full in names:
+    name, limit = split_limit(full)
+    suffix = "" if limit is None else f"@{limit}"
     namespace, dataset = parse_task(name)
     known = HARNESS_DATASETS if namespace == "harness" else CLOZE_DATASETS
     if namespace == "harness" and dataset == "mmlu":
-      out += [f"harness:mmlu_{s}" for s in olmo_data.mmlu_subjects()]
+      out += [f"harness:mmlu_{s}{suffix}" for s in olmo_data.mmlu_subjects()]
     elif namespace == "harness" and dataset.startswith("mmlu_"):
       olmo_data.source(dataset)  # KeyError with the known subjects
-      out.append(name)
+      out.append(full)
     elif dataset in known:
-      out.append(name)
+      out.append(full)
     else:
       extra = ", mmlu, mmlu_<subject>" if namespace == "harness" else ""
       raise ValueError(f"--tasks {name}: unknown {namespace} task; known: {', '.join(known)}{extra}")
@@ -590,9 +606,11 @@ def cloze_docs(dataset: str) -> list[dict]:
 def evaluate_task(params, config, tokens: Tokens, name: str, cfg: HarnessConfig,
                   convention=None) -> dict:
   namespace, dataset = parse_task(name)
+  _, own_limit = split_limit(name)
+  limit = cfg.limit if own_limit is None else own_limit
   pool, docs, how = split_docs(dataset)
-  if cfg.limit:
-    docs = docs[:cfg.limit]
+  if limit:
+    docs = docs[:limit]
   if not docs:
     raise ValueError(f"{name}: no documents to evaluate")
   if namespace == "cloze":
