@@ -127,12 +127,16 @@ def flan(dataset: tf.data.Dataset,
          exemplars: Optional[Callable[[], Sequence[Mapping]]] = None,
          num_exemplars: int = 3,
          answer_separator: str = " ",
+         encode: Optional[Callable] = None,
          templates: Optional[Sequence[tuple[str, str]]] = None) -> tf.data.Dataset:
   """Flan-format QA records -> flat GLM examples (see module docstring).
 
   `exemplars` returns the few-shot pool (the task's train records); it is
   called once, when the dataset is built. `answer_separator` joins an
   exemplar's prompt and answer ("\n" suits prompts that end in an option list).
+  `encode(vocabulary, prompt, target, max_length)` builds the flat example from
+  the two strings (default: Part A prompt + [gMASK], Part B <sop> target <eop>;
+  glmjax.tasks.flan.chatml wraps them in a chat template instead).
   """
   if format not in FLAN_FORMATS:
     raise ValueError(f"format={format!r} is not one of {FLAN_FORMATS}")
@@ -172,7 +176,7 @@ def flan(dataset: tf.data.Dataset,
       shot_texts = [tf.strings.join([render(p, shots), joint, render(t, shots)]) for p, t in templates]
       block = tf.strings.reduce_join(_choose(shot_texts, choice), separator=EXEMPLAR_SEPARATOR)
       prompt = tf.strings.join([block, EXEMPLAR_SEPARATOR, prompt])
-    example = _text_to_text(vocabulary, prompt, target, max_length)
+    example = (encode or _text_to_text)(vocabulary, prompt, target, max_length)
     example.update(inputs_pretokenized=prompt, targets_pretokenized=target, answer=record["answer"])
     return example
 

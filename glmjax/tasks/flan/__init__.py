@@ -85,14 +85,17 @@ def cluster_of(dataset: str) -> str:
 
 
 def register_task(dataset: str, fmt: str, *, prefix: str = PREFIX, vocabulary=None,
-                  num_exemplars: int = NUM_EXEMPLARS) -> seqio.Task:
-  """The seqio task of one dataset in one Flan format (reads nothing until its dataset is built)."""
+                  num_exemplars: int = NUM_EXEMPLARS, encode=None) -> seqio.Task:
+  """The seqio task of one dataset in one Flan format (reads nothing until its dataset is built).
+
+  `vocabulary` / `encode`: see formats.flan (glmjax.tasks.flan.chatml registers the same tasks
+  for a HuggingFace tokenizer and its chat template)."""
   from glmjax.tasks import registry, sources  # pylint: disable=import-outside-toplevel
 
   name = task_name(dataset, fmt, prefix)
   load = functools.partial(records.load_split, dataset)
   prep = functools.partial(formats.flan, format=fmt, num_exemplars=num_exemplars, answer_separator="\n",
-                           templates=templates.templates(dataset, fmt),
+                           encode=encode, templates=templates.templates(dataset, fmt),
                            exemplars=functools.partial(load, "train"))
   fields = formats.QA_FIELDS + records.extra_fields(dataset)
   return seqio.TaskRegistry.add(name, source=sources.records_source(load, records.SPLITS, fields),
@@ -218,13 +221,13 @@ def registered_mixture_names(prefix: str = PREFIX) -> list[str]:
   return names
 
 
-def register(*, prefix: str = PREFIX, vocabulary=None, cap: int = MIXING_CAP) -> None:
+def register(*, prefix: str = PREFIX, vocabulary=None, cap: int = MIXING_CAP, encode=None) -> None:
   """Registers every task and the mixtures of `registered_mixture_names` (idempotent)."""
   if prefix in seqio.MixtureRegistry.names():
     return
   for dataset in records.dataset_names():
     for fmt in formats_of(dataset):
-      register_task(dataset, fmt, prefix=prefix, vocabulary=vocabulary)
+      register_task(dataset, fmt, prefix=prefix, vocabulary=vocabulary, encode=encode)
   for name in registered_mixture_names(prefix):
     register_mixture(name, cap=cap, prefix=prefix)
 

@@ -75,7 +75,8 @@ ZERO_SHOT: dict[str, tuple[Template, ...]] = {
     "rte": _NLI,
     "cb": _NLI,
     "mrpc": (
-        ("Sentence 1: {sentence1}\nSentence 2: {sentence2}\n\nDo these two sentences mean the same thing?\n{options}", A),
+        ("Sentence 1: {sentence1}\nSentence 2: {sentence2}\n\nDo these two sentences mean the same thing?\n{options}",
+         A),
         ("\"{sentence1}\"\n\"{sentence2}\"\n\nAre the two sentences above paraphrases of each other?\n{options}", A),
         ("Is the second sentence a paraphrase of the first?\nFirst: {sentence1}\nSecond: {sentence2}\n{options}", A),
         ("{sentence1}\n{sentence2}\nDo both sentences say the same thing? Answer yes or no.", A),
