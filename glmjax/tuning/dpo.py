@@ -113,10 +113,13 @@ def reference_logps(params: dict, batch: dict, model_config: ModelConfig):
   return sequence_logps(logits, batch["targets"], batch["loss_mask"])[0]
 
 
-def dpo_objective(params: dict, batch: dict, model_config: ModelConfig, config: DpoConfig):
-  """(mean pair loss, metrics) of one batch of adjacent (chosen, rejected) rows."""
+def dpo_objective(params: dict, batch: dict, model_config: ModelConfig, config: DpoConfig,
+                  policy_forward=forward):
+  """(mean pair loss, metrics) of one batch of adjacent (chosen, rejected) rows. `policy_forward`
+  runs the policy (the train step passes LoRA dropout's, lora.LoraTuning.train_forward); the
+  reference always runs the plain forward."""
   model_batch = _model_batch(batch)
-  logps, counts = sequence_logps(forward(params, model_batch, model_config), batch["targets"],
+  logps, counts = sequence_logps(policy_forward(params, model_batch, model_config), batch["targets"],
                                  batch["loss_mask"])
   if "reference_logps" in batch:
     ref = batch["reference_logps"].astype(jnp.float32)
@@ -131,10 +134,15 @@ def dpo_objective(params: dict, batch: dict, model_config: ModelConfig, config: 
   return jnp.mean(losses), metrics
 
 
-def dpo_train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer, config: DpoConfig):
-  """One DPO update of a TrainProgram state; a non-finite loss or gradient skips it (as train_step)."""
+def dpo_train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer, config: DpoConfig,
+                   tuning=None):
+  """One DPO update of a TrainProgram state; a non-finite loss or gradient skips it (as train_step).
+  With LoRA dropout the policy's masks come from fold_in(state rng, state step)."""
+  policy_forward = forward
+  if tuning is not None and hasattr(tuning, "train_forward"):
+    policy_forward = tuning.train_forward(jax.random.fold_in(state["rng"], state["step"]), forward)
   (loss, metrics), grads = jax.value_and_grad(dpo_objective, has_aux=True)(
-      state["params"], batch, model_config, config)
+      state["params"], batch, model_config, config, policy_forward)
   from glmjax.trainer.step import guarded_update  # pylint: disable=import-outside-toplevel  (loop imports this module)
   new, update = guarded_update(state, grads, loss, optimizer)
   return new, {**metrics, **update}
@@ -157,7 +165,7 @@ class DpoProgram:
     self.config = config
     rep = jax.sharding.NamedSharding(program.mesh, jax.sharding.PartitionSpec())
     step = functools.partial(dpo_train_step, model_config=program.model_config,
-                             optimizer=program.optimizer, config=config)
+                             optimizer=program.optimizer, config=config, tuning=program.tuning)
     self._step = jax.jit(step, in_shardings=(program.state_shardings, None),
                          out_shardings=(program.state_shardings, rep), donate_argnums=(0,))
     self._metrics = jax.jit(

@@ -15,8 +15,21 @@ Inside the scan `glmjax.model.layers.materialize` calls `LoraWeight.dense()`,
 W + (alpha / r) A B with the base under stop_gradient (no base weight gradient is computed),
 one layer at a time; the optimizer leaves the base untouched through
 `optax.multi_transform` with `set_to_zero` for every non-adapter leaf (no optimizer state for
-them either). Adapter dropout (paper's released code, PEFT's `lora_dropout`) acts on x before A,
-which this merged-weight form cannot express: it is not offered.
+them either).
+
+Adapter dropout (PEFT's `lora_dropout`, `LoraConfig.dropout` = p): in train mode only,
+y = x W + (alpha / r) (dropout_p(x) A) B, the mask on the adapter input only (the base sees x
+whole), kept entries scaled by 1 / (1 - p) as torch.nn.Dropout. The merged form cannot express a
+per-token mask, so the train forward sees `dropout_view(params, key)`: each LoraWeight becomes a
+`LoraDropoutWeight` that `materialize` leaves unmerged and whose `matmul_2d(x)` computes both
+branches from x. Its mask for layer l of the projection at key path `path` is
+
+    jax.random.bernoulli(fold_in(fold_in(key, _path_hash(path)), l), 1 - p, [tokens, in])
+
+(x flattened to [tokens, in] as `layers.matmul_2d` does), `key` = fold_in(state rng, step) in the
+train step. Eval, generate, merge and export read the plain LoraWeight tree: no dropout there.
+This needs two hooks outside glmjax/tuning (see `dropout_wired`): glmjax.model.layers.matmul_2d
+dispatching to a weight's own `matmul_2d`, and the LM train step calling `train_forward(key)`.
 
 Checkpoints of a LoRA run hold the adapters and optimizer state only (`adapters_only`); the base
 is named by `LoraConfig.base_checkpoint` (a run directory) in the run's saved gin config and is
@@ -54,6 +67,7 @@ class LoraConfig:
   base_checkpoint: str = ""  # run directory of the base; "": base initialised from TrainerConfig.seed
   base_step: int = -1  # step of base_checkpoint; -1: its newest
   quantize: str = ""  # QLoRA: "nf4" or "int8" base (glmjax.tuning.quant), "": float base
+  dropout: float = 0.0  # PEFT's lora_dropout: on the adapter input, train mode only
 
   @property
   def enabled(self) -> bool:
@@ -76,6 +90,8 @@ def validate(lora: LoraConfig) -> None:
     unknown = [t for t in targets if t not in PROJECTIONS]
     if unknown:
       raise ValueError(f"LoraConfig.targets: {unknown} not among {sorted(PROJECTIONS)} or ('all',)")
+  if not (isinstance(lora.dropout, (int, float)) and 0.0 <= lora.dropout < 1.0):
+    raise ValueError(f"LoraConfig.dropout={lora.dropout!r} must be in [0, 1)")
   if lora.quantize not in ("", "nf4", "int8"):
     raise ValueError(f"LoraConfig.quantize={lora.quantize!r} is not '', 'nf4' or 'int8'")
 
@@ -116,6 +132,99 @@ jax.tree_util.register_dataclass(LoraWeight, data_fields=["base", "a", "b"],
 
 def is_lora(x) -> bool:
   return isinstance(x, LoraWeight)
+
+
+@dataclasses.dataclass
+class LoraDropoutWeight:
+  """A LoraWeight in train mode with adapter dropout: x W + scale (dropout(x) A) B.
+
+  Array-like enough for the layer code (`shape`, `astype`, a 2-D `reshape`) and not merged by
+  `materialize` (no `.dense()`); `matmul_2d(x)` is what glmjax.model.layers.matmul_2d calls.
+  key: lead + (2,) raw uint32 keys, one per layer, sliced by the layer scan with the base."""
+  base: Any
+  a: Any
+  b: Any
+  key: Any
+  scale: float = 1.0
+  in_ndim: int = 1
+  rate: float = 0.0
+  dtype: Any = None  # compute dtype set by astype; None: the adapters' own
+  shape2d: Optional[tuple] = None  # (in, out) after reshape; None: the base's own layout
+
+  @property
+  def _base_shape(self) -> tuple:
+    lead = self.a.ndim - self.in_ndim - 1
+    return tuple(self.a.shape[:-1]) + tuple(self.b.shape[lead + 1:])
+
+  @property
+  def shape(self) -> tuple:
+    return self.shape2d if self.shape2d is not None else self._base_shape
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  def astype(self, dtype):
+    return dataclasses.replace(self, dtype=jnp.dtype(dtype))
+
+  def reshape(self, *shape):
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    lead = self.a.ndim - self.in_ndim - 1
+    if lead:
+      raise ValueError("LoraDropoutWeight.reshape: only one layer's slice can be reshaped")
+    n_in = math.prod(self.a.shape[:-1])
+    n_out = math.prod(self.b.shape[1:])
+    if len(shape) != 2 or shape[0] not in (n_in, -1) or shape[1] not in (n_out, -1):
+      raise ValueError(f"LoraDropoutWeight.reshape{shape}: only the 2-D form ({n_in}, {n_out})")
+    return dataclasses.replace(self, shape2d=(n_in, n_out))
+
+  def matmul_2d(self, x, **kwargs):
+    """x [..., in] -> [..., out]: the base on x, the adapters on dropout(x)."""
+    rank = self.a.shape[-1]
+    n_in = x.shape[-1]
+    dtype = self.dtype or self.a.dtype
+    base = self.base.dense() if hasattr(self.base, "dense") else self.base
+    w = jax.lax.stop_gradient(base).astype(dtype).reshape(n_in, -1)
+    a = self.a.astype(dtype).reshape(n_in, rank)
+    b = self.b.astype(dtype).reshape(rank, -1)
+    x2 = x.reshape(-1, n_in)
+    keep = jax.random.bernoulli(self.key, 1.0 - self.rate, x2.shape)
+    dropped = jnp.where(keep, x2 / jnp.asarray(1.0 - self.rate, x2.dtype), jnp.zeros((), x2.dtype))
+    y = jnp.dot(x2, w, **kwargs) + self.scale * jnp.dot(jnp.dot(dropped, a), b, **kwargs)
+    return y.reshape(x.shape[:-1] + (w.shape[-1],))
+
+
+jax.tree_util.register_dataclass(LoraDropoutWeight, data_fields=["base", "a", "b", "key"],
+                                 meta_fields=["scale", "in_ndim", "rate", "dtype", "shape2d"])
+
+
+def dropout_view(params: dict, key: jax.Array, rate: float) -> dict:
+  """Train-mode params: each LoraWeight a LoraDropoutWeight with per-layer keys
+  fold_in(fold_in(key, _path_hash(path)), layer); rate 0: `params` unchanged."""
+  if not rate:
+    return params
+
+  def view(path, x):
+    if not is_lora(x):
+      return x
+    lead = x.a.ndim - x.in_ndim - 1
+    if lead != 1:
+      raise ValueError(f"LoraConfig.dropout: {jax.tree_util.keystr(path)} has {lead} leading axes "
+                       "(mixture-of-experts weights); adapter dropout covers dense projections only")
+    k = jax.random.fold_in(key, _path_hash(path))
+    keys = jax.vmap(lambda i: jax.random.fold_in(k, i))(jnp.arange(x.a.shape[0], dtype=jnp.uint32))
+    return LoraDropoutWeight(x.base, x.a, x.b, keys, x.scale, x.in_ndim, float(rate))
+  return jax.tree_util.tree_map_with_path(view, params, is_leaf=is_lora)
+
+
+def dropout_wired() -> bool:
+  """Whether adapter dropout reaches the model: glmjax.model.layers.matmul_2d must hand a weight
+  with `matmul_2d` its input (layers.INPUT_AWARE_WEIGHTS) and the LM train step must call
+  `tuning.train_forward(key)` (glmjax.trainer.step.TUNING_TRAIN_FORWARD)."""
+  from glmjax.model import layers  # pylint: disable=import-outside-toplevel
+  from glmjax.trainer import step  # pylint: disable=import-outside-toplevel
+  return bool(getattr(layers, "INPUT_AWARE_WEIGHTS", False)) and bool(
+      getattr(step, "TUNING_TRAIN_FORWARD", False))
 
 
 def _key_name(entry) -> str:
@@ -240,6 +349,21 @@ class LoraTuning:
     self.model_config = model_config
     self.lora = lora
     self.specs = lora_specs(model_config, lora)
+    if lora.dropout and not dropout_wired():
+      raise ValueError(
+          f"LoraConfig.dropout={lora.dropout} is not wired into the train step yet (glmjax.model.layers."
+          "matmul_2d and glmjax.trainer.step need the hooks named in glmjax.tuning.lora.dropout_wired); "
+          "set LoraConfig.dropout = 0.0")
+
+  def train_forward(self, key: jax.Array, forward=None):
+    """The forward of a train step whose dropout masks come from `key` (fold_in(rng, step)):
+    forward(dropout_view(params, key), batch, config); LoraConfig.dropout 0: `forward` itself."""
+    if forward is None:
+      from glmjax.model import forward_with_aux as forward  # pylint: disable=import-outside-toplevel
+    if not self.lora.dropout:
+      return forward
+    rate = self.lora.dropout
+    return lambda params, batch, config: forward(dropout_view(params, key, rate), batch, config)
 
   def init_params(self, rng: jax.Array, base: Optional[dict] = None) -> dict:
     """Adapters around `base` (the loaded base params), or around init_params(config, rng)."""
