@@ -595,7 +595,8 @@ def evaluate_cloze(params, config, tokens: Tokens, dataset: str, docs, cfg: Harn
     lls[owner].append(s.logprob)
   per_doc = [choice_metrics(ll, item.verbalizers, item.gold) for ll, item in zip(lls, items)]
   return {"kind": "cloze", "acc": metrics_lib.mean([m["acc"] for m in per_doc]),
-          "acc_norm": metrics_lib.mean([m["acc_norm"] for m in per_doc]), "examples": len(items)}
+          "acc_norm": metrics_lib.mean([m["acc_norm"] for m in per_doc]), "examples": len(items),
+          "loglikelihoods": lls}
 
 
 def cloze_docs(dataset: str) -> list[dict]:
