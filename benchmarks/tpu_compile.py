@@ -37,6 +37,15 @@ TRAIN = ["ModelConfig.dtype = 'bfloat16'", "ModelConfig.param_dtype = 'float32'"
          "MeshConfig.data = 1", "MeshConfig.fsdp = -1", "OptimizerConfig.name = 'adamw'",
          "TrainerConfig.num_steps = 1000"]
 
+# The vocabulary-chunked cross-entropy: [B, 2048, V] float32 logits at a time, forward and backward.
+CHUNKED = ["ModelConfig.loss_impl = 'chunked'", "ModelConfig.loss_chunk_size = 2048"]
+
+# Each layer's input (the residual stream the backward restarts from) kept in host memory.
+OFFLOAD = ["ModelConfig.remat_policy = 'offload_layer_input'"]
+
+# Adam's two moments stored in bfloat16 (the update computed in float32).
+BF16_ADAM = ["OptimizerConfig.mu_dtype = 'bfloat16'", "OptimizerConfig.nu_dtype = 'bfloat16'"]
+
 
 def row(name, model, topology, batch, length, *, slices=1, step="train", context=0, extra=()):
   bindings = TRAIN + [f"DataConfig.batch_size = {batch}", f"DataConfig.sequence_length = {length}",
@@ -60,6 +69,12 @@ ROWS = [
                "ModelConfig.num_layers = 70", "ModelConfig.num_heads = 112",
                "ModelConfig.num_kv_heads = 112", "ModelConfig.head_dim = 128",
                "ModelConfig.ffn_dim = 57344"]),
+    # The memory options of ModelConfig / OptimizerConfig (issue #12's "does not fit" rows).
+    row("chatglm2-6b-32k-chunked/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768, extra=CHUNKED),
+    row("chatglm2-6b-32k-chunked-offload/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768,
+        extra=CHUNKED + OFFLOAD),
+    row("chatglm2-6b-32k-chunked-offload-bf16adam/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768,
+        extra=CHUNKED + OFFLOAD + BF16_ADAM),
     row("chatglm2-6b-decode/v5e-4", "chatglm2.gin", "v5e:2x2", 8, 1, step="decode", context=8192,
         extra=["MeshConfig.fsdp = 2", "MeshConfig.tensor = 2"]),  # 2 kv heads: tensor <= 2
 ]

@@ -421,7 +421,16 @@ def compile_report(experiment, topology: str, *, num_slices: int = 1, step: str 
                                   time.perf_counter() - start)
   else:
     report = memory_report(compiled, mesh_devices, flops, time.perf_counter() - start)
-  return {"topology": topology, "step": step, **report}
+  return {"topology": topology, "step": step, "memory_options": memory_options(experiment), **report}
+
+
+def memory_options(experiment) -> dict:
+  """The gin choices that trade memory (ModelConfig / OptimizerConfig), as the report shows them."""
+  model, opt = experiment.model, experiment.optimizer
+  return {"remat_policy": model.remat_policy, "loss_impl": model.loss_impl,
+          "loss_chunk_size": model.loss_chunk_size if model.loss_impl == "chunked" else None,
+          "optimizer": opt.name, "mu_dtype": opt.mu_dtype or model.param_dtype,
+          "nu_dtype": opt.nu_dtype or model.param_dtype, "state_sharding": opt.state_sharding}
 
 
 def _size(text: str) -> int:

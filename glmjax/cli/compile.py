@@ -27,7 +27,14 @@ v5p:2x2x2 (v5p-16: 8 chips), v4:2x2x2 (libtpu describes v4 per TensorCore, 2 dev
 v6e:2x2; --num_slices N joins N such slices over DCN (MeshConfig.dcn_data / dcn_fsdp: how many
 slices the data / fsdp axes span; by default data spans all of them).
 JSON keys: fits, per_device_bytes {arguments, temporaries, outputs, aliased, peak},
-hbm_bytes_per_device, num_devices, compile_s, flops_per_step, collectives, roofline.
+hbm_bytes_per_device, num_devices, compile_s, flops_per_step, collectives, roofline,
+memory_options (the gin choices that trade memory, below).
+Memory options (gin): ModelConfig.loss_impl = 'chunked' with ModelConfig.loss_chunk_size (no
+[batch, length, vocab] float32 logits); ModelConfig.remat_policy = a jax.checkpoint_policies
+name or glmjax's save_qkv_proj, save_attention, save_out_proj, offload_layer_input,
+offload_attention, offload_layer_input_save_qkv, 'save=NAMES;offload=NAMES' (host offload to
+pinned_host); OptimizerConfig.mu_dtype / nu_dtype = 'bfloat16'; OptimizerConfig.state_sharding
+= 'data'.
 Exit codes: 0 fits, 3 does not fit the chip's HBM, 2 bad input (unknown topology, a mesh
 that does not divide the slice, a bad gin binding; one line), 1 the compiler failed.
 """
@@ -94,6 +101,11 @@ def summary_lines(report: dict) -> list:
            f"  per device: arguments {_gib(mem['arguments'])}, temporaries {_gib(mem['temporaries'])}, "
            f"outputs {_gib(mem['outputs'])}, aliased {_gib(mem['aliased'])} -> peak {_gib(mem['peak'])}: "
            + ("fits" if report["fits"] else "does NOT fit")]
+  if "memory_options" in report:
+    o = report["memory_options"]
+    loss = f"chunked ({o['loss_chunk_size']} positions)" if o["loss_impl"] == "chunked" else o["loss_impl"]
+    lines.append(f"  options: remat {o['remat_policy']}, loss {loss}, {o['optimizer']} moments "
+                 f"{o['mu_dtype']}/{o['nu_dtype']}, state sharded as {o['state_sharding']}")
   if "compiler_message" in report:
     lines.append(f"  compiler: {report['compiler_message']}")
   parts = []
