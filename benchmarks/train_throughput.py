@@ -483,9 +483,11 @@ def main() -> None:
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--impls", nargs="+", default=["glmjax", "hf_eager", "plain_jax"])
-  parser.add_argument("--remat", default="dots_with_no_batch_dims_saveable",
-                      help="glmjax ModelConfig.remat_policy (save matmul outputs, recompute the rest)")
-  parser.add_argument("--attention", default="dense", help="glmjax ModelConfig.attention_impl")
+  parser.add_argument("--remat", default="auto",
+                      help="glmjax ModelConfig.remat_policy (default: the preset's, 'auto': on CPU save "
+                           "matmul outputs, recompute the rest)")
+  parser.add_argument("--attention", default="auto",
+                      help="glmjax ModelConfig.attention_impl (default: the preset's, 'auto': dense on CPU)")
   parser.add_argument("--profile", action="store_true",
                       help="also trace one glmjax step and print where its XLA op time goes")
   parser.add_argument("--paired", nargs=2, metavar=("A", "B"), type=paired_name,

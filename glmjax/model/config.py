@@ -140,7 +140,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   init_std: float = 0.02
-  remat_policy: str = "nothing_saveable"  # a jax.checkpoint_policies name, REMAT_POLICIES, or "none"
+  # "auto" (REMAT_AUTO: per platform), a jax.checkpoint_policies name, REMAT_POLICIES, or "none"
+  remat_policy: str = "auto"
   # The training / eval loss (LOSS_FIELDS): "dense" computes [B, L, V] float32 logits, "chunked"
   # computes them `loss_chunk_size` positions at a time, forward and backward
   # (glmjax.trainer.loss.chunked_token_loss_sums). The model's function is the same.
@@ -224,6 +225,24 @@ REMAT_POLICIES = {
 }
 
 
+# remat_policy "auto", resolved by the platform the step is traced for (the active mesh's
+# devices; jax.default_backend() without a mesh). CPU: keep every matmul output that has no
+# batch dimension and recompute only the elementwise rest: on the llama-small train step
+# (benchmarks/train_throughput.py --paired) that ran ~2.4x the speed of nothing_saveable,
+# whose backward recomputes the whole forward (a third more matmul FLOPs), and as fast as no
+# remat with less memory. TPU / GPU: nothing_saveable (full remat, MaxText's "full"), the only
+# choice that fits billion-parameter layers at pod batch sizes; name another to trade memory.
+REMAT_AUTO = {"cpu": "dots_with_no_batch_dims_saveable"}
+REMAT_AUTO_DEFAULT = "nothing_saveable"
+
+
+def resolve_remat_policy(name: str, platform: str) -> str:
+  """The remat_policy that runs: `name`, or for "auto" the platform's choice (REMAT_AUTO)."""
+  if name != "auto":
+    return name
+  return REMAT_AUTO.get(platform, REMAT_AUTO_DEFAULT)
+
+
 def named_remat_policy(name: str):
   """(saved names, offloaded names) of a glmjax remat_policy (REMAT_POLICIES or the spelled-out
   "save=a,b;offload=c" form), or None for a jax.checkpoint_policies name / "none".
@@ -303,10 +322,10 @@ def validate(config: ModelConfig) -> None:
            f"the parallel block is pre-norm; norm_placement={config.norm_placement!r} is not supported "
            "with it (use norm_placement='pre')")
   _require(config.embed_grad_scale > 0, "embed_grad_scale", "must be > 0 (1.0 disables the shrink)")
-  if config.remat_policy != "none" and named_remat_policy(config.remat_policy) is None:
+  if config.remat_policy not in ("none", "auto") and named_remat_policy(config.remat_policy) is None:
     import jax  # pylint: disable=import-outside-toplevel
     _require(hasattr(jax.checkpoint_policies, config.remat_policy), "remat_policy",
-             f"{config.remat_policy!r} is neither 'none', a name in jax.checkpoint_policies "
+             f"{config.remat_policy!r} is neither 'auto', 'none', a name in jax.checkpoint_policies "
              "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable'), one of glmjax's "
              f"{tuple(REMAT_POLICIES)} nor 'save=NAMES;offload=NAMES' with NAMES from "
              f"{CHECKPOINT_NAMES}")

@@ -234,10 +234,19 @@ def remat_policy(name: str):
       offload_src="device", offload_dst="pinned_host")
 
 
+def traced_platform() -> str:
+  """The platform the computation being traced will run on: the active mesh's devices (so an
+  AOT compile for a TPU topology from a CPU host says "tpu"), else the default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
+
+
 def remat(fn, config: ModelConfig):
-  if config.remat_policy == "none":
+  name = config_lib.resolve_remat_policy(config.remat_policy, traced_platform())
+  if name == "none":
     return fn
-  return jax.checkpoint(fn, policy=remat_policy(config.remat_policy), prevent_cse=False)
+  return jax.checkpoint(fn, policy=remat_policy(name), prevent_cse=False)
 
 
 def run_layers(layer_params: dict, x, ctx: PositionContext, config: ModelConfig):
