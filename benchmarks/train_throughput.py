@@ -346,8 +346,11 @@ def child_matmul(args) -> None:
   serve(step, max(args.warmup, 2), dict(impl=args.child, gflops_per_step=2.0 * n**3 * reps / 1e9))
 
 
-# Paired-mode names may carry an ISA cap: "glmjax@avx2" runs the child with XLA and ATen limited to AVX2.
-ISA_ENV = {"avx2": {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "ATEN_CPU_CAPABILITY": "avx2"}}
+# Paired-mode names may carry an environment variant: "glmjax@avx2" runs the child with XLA and
+# ATen capped at AVX2 (on jax 0.10.2 the XLA cap does not lower the float32 dot rate: YNNPACK
+# picks its kernels by cpuid; see BENCHMARKS.md), "@onednn" with XLA's oneDNN dot custom calls.
+ISA_ENV = {"avx2": {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+           "onednn": {"XLA_FLAGS": "--xla_cpu_experimental_onednn_custom_call=true"}}
 PAIRED_IMPLS = ("glmjax", "hf_eager", "plain_jax", "matmul_jax", "matmul_torch")
 
 
@@ -359,7 +362,7 @@ def _parse_paired(text: str) -> tuple[str, dict, str]:
   bad = [o for o in options if "=" not in o] + [k for k in overrides if k not in ("remat", "attention")]
   if impl not in PAIRED_IMPLS or (isa and isa not in ISA_ENV) or bad or (overrides and impl != "glmjax"):
     raise argparse.ArgumentTypeError(
-        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][@avx2] with IMPL in {PAIRED_IMPLS} "
+        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][@{'|'.join(ISA_ENV)}] with IMPL in {PAIRED_IMPLS} "
         "(remat / attention only for glmjax)")
   return impl, overrides, isa
 
@@ -492,7 +495,8 @@ def main() -> None:
                       help="also trace one glmjax step and print where its XLA op time goes")
   parser.add_argument("--paired", nargs=2, metavar=("A", "B"), type=paired_name,
                       help=f"A/B mode: both alive, steps alternating; prints the median ratio A/B last. "
-                           f"A, B in {PAIRED_IMPLS}, each optionally @avx2 (XLA and ATen capped at AVX2)")
+                           f"A, B in {PAIRED_IMPLS}, each optionally ,remat=POLICY ,attention=IMPL (glmjax) and "
+                           f"@{'|'.join(ISA_ENV)} (an environment variant: AVX2 cap, XLA oneDNN dots)")
   parser.add_argument("--pairs", type=int, default=6)
   parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
