@@ -28,6 +28,7 @@ from glmjax.sharding import DistributedConfig, MeshConfig
 from glmjax.trainer import CheckpointConfig, DataConfig, Experiment, OptimizerConfig, TrainerConfig
 from glmjax.tuning.dpo import DpoConfig
 from glmjax.tuning.lora import LoraConfig
+from glmjax.tuning.prefix import PrefixConfig
 
 CONFIG_CLASSES = {
     "ModelConfig": ModelConfig,
@@ -39,11 +40,12 @@ CONFIG_CLASSES = {
     "DistributedConfig": DistributedConfig,
     "LoraConfig": LoraConfig,
     "DpoConfig": DpoConfig,
+    "PrefixConfig": PrefixConfig,
 }
 _FIELD_OF = {"ModelConfig": "model", "MeshConfig": "mesh", "OptimizerConfig": "optimizer",
              "DataConfig": "data", "TrainerConfig": "trainer", "CheckpointConfig": "checkpoint",
              "DistributedConfig": "distributed", "LoraConfig": "lora",
-             "DpoConfig": "dpo"}
+             "DpoConfig": "dpo", "PrefixConfig": "prefix"}
 _configurables: dict = {}
 
 

@@ -18,6 +18,13 @@ A) therefore attends among itself in both directions at prefill, and every
 later token sees all of it plus the causal tokens before it. GQA/MQA caches
 hold the kv heads only.
 
+P-Tuning v2 (glmjax.tuning.prefix): when the params carry per-layer `prefix_k` / `prefix_v`
+[layers, P, kv_heads, head_dim], each layer's attention sees them concatenated before its cache
+slots (ChatGLM2-6B's ptuning passes them as the initial past_key_values and prepends P ones to
+the attention mask): P extra key slots, visible to every non-padding query of the row (their
+segment is the row's, they precede every query), never written to the cache; positions of the
+real tokens are unchanged. This equals the full forward over `prefix.with_prefix_rows` batches.
+
 Mixture-of-experts caveat: expert capacity depends on how many tokens are
 routed together, so a capacity-limited MoE model can drop different tokens
 when run one token at a time than in a full forward.
@@ -136,10 +143,15 @@ def extend(params: dict, cache: KVCache, chunk: dict, config: ModelConfig, *,
       q, k = transformer.encode_positions(q, k, ctx, config)
       k_all_new = jax.lax.dynamic_update_slice(k_all, k.astype(k_all.dtype)[None], (li, 0, index, 0, 0))
       v_all_new = jax.lax.dynamic_update_slice(v_all, v.astype(v_all.dtype)[None], (li, 0, index, 0, 0))
-      o = pallas.decode_attention(q, k_all_new[li].astype(q.dtype), v_all_new[li].astype(q.dtype),
-                                  query_slots=query_slots_Q, query_segment_ids=chunk["segment_ids"],
-                                  key_segment_ids=segment_ids, key_bidirectional=bidirectional,
-                                  alibi_slopes=ctx.alibi_slopes)
+      if "prefix_k" in p:  # P-Tuning v2: the prefix as P key slots before the cache's
+        o = _attend_with_prefix(q, k_all_new[li].astype(q.dtype), v_all_new[li].astype(q.dtype), p,
+                                query_slots_Q, chunk["segment_ids"], segment_ids, bidirectional,
+                                ctx.alibi_slopes)
+      else:
+        o = pallas.decode_attention(q, k_all_new[li].astype(q.dtype), v_all_new[li].astype(q.dtype),
+                                    query_slots=query_slots_Q, query_segment_ids=chunk["segment_ids"],
+                                    key_segment_ids=segment_ids, key_bidirectional=bidirectional,
+                                    alibi_slopes=ctx.alibi_slopes)
       written["kv"] = (k_all_new, v_all_new)
       return transformer.project_out(p, o, config)
 
@@ -155,6 +167,22 @@ def extend(params: dict, cache: KVCache, chunk: dict, config: ModelConfig, *,
   new_cache = KVCache(k=k_all, v=v_all, tokens=tokens, segment_ids=segment_ids,
                       bidirectional=bidirectional, index=index + Q)
   return logits, constrain_cache(new_cache)
+
+
+def _attend_with_prefix(q, k, v, p, query_slots_Q, query_segment_ids, key_segment_ids,
+                        key_bidirectional, alibi_slopes):
+  B = q.shape[0]
+  P = p["prefix_k"].shape[0]
+  prefix = lambda x: jnp.broadcast_to(x.astype(q.dtype)[None], (B,) + x.shape)  # noqa: E731
+  row_segment = jnp.max(key_segment_ids, axis=1, keepdims=True)
+  return pallas.decode_attention(
+      q, jnp.concatenate([prefix(p["prefix_k"]), k], axis=1),
+      jnp.concatenate([prefix(p["prefix_v"]), v], axis=1),
+      query_slots=query_slots_Q + P, query_segment_ids=query_segment_ids,
+      key_segment_ids=jnp.concatenate([jnp.broadcast_to(row_segment, (B, P)), key_segment_ids], axis=1),
+      key_bidirectional=jnp.concatenate([jnp.zeros((B, P), key_bidirectional.dtype), key_bidirectional],
+                                        axis=1),
+      alibi_slopes=alibi_slopes)
 
 
 def reorder(cache: KVCache, batch_indices) -> KVCache:

@@ -35,6 +35,7 @@ from glmjax.trainer.optim import OptimizerConfig
 from glmjax.trainer.step import StepConfig, TrainProgram
 from glmjax.tuning import dpo as dpo_lib
 from glmjax.tuning import lora as lora_lib
+from glmjax.tuning import prefix as prefix_lib
 
 log_ = logging.getLogger("glmjax.train")
 
@@ -65,6 +66,7 @@ class Experiment:
   distributed: DistributedConfig = DistributedConfig()
   lora: lora_lib.LoraConfig = lora_lib.LoraConfig()  # rank 0: full fine-tuning / pretraining
   dpo: dpo_lib.DpoConfig = dpo_lib.DpoConfig()  # task "": no DPO
+  prefix: prefix_lib.PrefixConfig = prefix_lib.PrefixConfig()  # pre_seq_len 0: no P-Tuning v2
 
 
 @dataclasses.dataclass
@@ -145,6 +147,20 @@ def _validate(experiment: Experiment) -> None:
   data_lib.resolve_prompt_layout(d, m)  # explicit DataConfig layout flags agree with the model
 
 
+def _tuning(experiment: Experiment, seqio_data: bool):
+  """The parameter-efficient method of the run (LoRA / QLoRA, P-Tuning v2), or None."""
+  lora = lora_lib.tuning_for(experiment.model, experiment.lora)
+  prefix = prefix_lib.tuning_for(experiment.model, experiment.prefix,
+                                 experiment.data if seqio_data else None)
+  if lora is not None and prefix is not None:
+    raise ValueError("LoraConfig.rank and PrefixConfig.pre_seq_len are both set; pick one method "
+                     "(set the other to 0)")
+  if prefix is not None and experiment.dpo.task:
+    raise ValueError("DpoConfig.task with PrefixConfig.pre_seq_len is not supported; DPO runs on LoRA "
+                     "(LoraConfig.rank) or a full fine-tune")
+  return lora or prefix
+
+
 def _progress(enabled: bool, total: int, initial: int):
   if not enabled:
     return None
@@ -223,7 +239,7 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   program = TrainProgram(experiment.model, experiment.optimizer, experiment.mesh,
                          num_steps=cfg.num_steps, global_batch_size=experiment.data.batch_size,
                          step_config=StepConfig(microbatches=cfg.microbatches, z_loss=cfg.z_loss),
-                         devices=devices, tuning=lora_lib.tuning_for(experiment.model, experiment.lora))
+                         devices=devices, tuning=_tuning(experiment, seqio_data=train_data is None))
   layout = {"batch_size": experiment.data.batch_size, "sequence_length": experiment.data.sequence_length}
   step_fn = program.train_step
   if experiment.dpo.task:  # DPO on preference pairs (glmjax.tuning.dpo) instead of the LM mixture
@@ -241,6 +257,9 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
     eval_host = data_lib.eval_batches(experiment.data, pid, nproc, model=experiment.model)
   else:
     eval_host = []
+  tuned_batch = getattr(program.tuning, "host_batch", None)  # P-Tuning v2: the prefix slots prepended
+  if tuned_batch is not None:
+    eval_host = [tuned_batch(b) for b in eval_host]
 
   note = log or (lambda line: log_.warning("%s", line))
   manager = None
@@ -306,6 +325,8 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
           raise ValueError(f"the training data ran out after {stream.position} batches, before "
                            f"TrainerConfig.num_steps={cfg.num_steps}") from None
         host = host_rows(host)
+        if tuned_batch is not None:
+          host = tuned_batch(host)
         batch_lib.check_ids(host, experiment.model)
         batch = program.global_batch(host)
         state, device_metrics = step_fn(state, batch)

@@ -399,23 +399,8 @@ class LoraTuning:
 
   def load_base(self, mesh, rules) -> Optional[dict]:
     """The base params of `base_checkpoint` on this mesh (params only), or None (random base)."""
-    if not self.lora.base_checkpoint:
-      return None
-    from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
-    from glmjax.run.directory import Workdir  # pylint: disable=import-outside-toplevel
-    from glmjax.run.load import restore_params  # pylint: disable=import-outside-toplevel
-    workdir = Workdir(self.lora.base_checkpoint)
-    steps = workdir.steps()
-    if not steps:
-      raise ValueError(f"LoraConfig.base_checkpoint={self.lora.base_checkpoint!r} has no checkpoints")
-    step = max(steps) if self.lora.base_step < 0 else self.lora.base_step
-    if step not in steps:
-      raise ValueError(f"LoraConfig.base_step={step} is not a step of {workdir.path} (steps: {steps})")
-    shardings = shd.param_shardings(self.model_config, mesh, rules)
-    shapes = jax.eval_shape(functools.partial(init_params, self.model_config), jax.random.PRNGKey(0))
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            shapes, shardings)
-    return restore_params(workdir.checkpoints, step, abstract)
+    return load_base(self.model_config, self.lora.base_checkpoint, self.lora.base_step, mesh, rules,
+                     "LoraConfig")
 
   def checkpoint_view(self, state: dict) -> dict:
     return {**state, "params": adapters_only(state["params"])}
@@ -423,6 +408,29 @@ class LoraTuning:
   def complete(self, restored: dict, fresh: dict) -> dict:
     """A restored checkpoint_view put back around the bases of `fresh` (a just-built state)."""
     return {**restored, "params": with_base(restored["params"], fresh["params"])}
+
+
+def load_base(model_config: ModelConfig, base_checkpoint: str, base_step: int, mesh, rules,
+              owner: str) -> Optional[dict]:
+  """Params of run directory `base_checkpoint` at `base_step` (-1: its newest) on `mesh`, or None
+  when no base is named; `owner` names the config class in the error lines."""
+  if not base_checkpoint:
+    return None
+  from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from glmjax.run.directory import Workdir  # pylint: disable=import-outside-toplevel
+  from glmjax.run.load import restore_params  # pylint: disable=import-outside-toplevel
+  workdir = Workdir(base_checkpoint)
+  steps = workdir.steps()
+  if not steps:
+    raise ValueError(f"{owner}.base_checkpoint={base_checkpoint!r} has no checkpoints")
+  step = max(steps) if base_step < 0 else base_step
+  if step not in steps:
+    raise ValueError(f"{owner}.base_step={step} is not a step of {workdir.path} (steps: {steps})")
+  shardings = shd.param_shardings(model_config, mesh, rules)
+  shapes = jax.eval_shape(functools.partial(init_params, model_config), jax.random.PRNGKey(0))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+  return restore_params(workdir.checkpoints, step, abstract)
 
 
 def restore_lora_params(checkpoints_dir: str, step: int, experiment, mesh, rules) -> dict:
