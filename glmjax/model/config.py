@@ -227,10 +227,9 @@ REMAT_POLICIES = {
 
 # remat_policy "auto", resolved by the platform the step is traced for (the active mesh's
 # devices; jax.default_backend() without a mesh). CPU: keep every matmul output that has no
-# batch dimension and recompute only the elementwise rest: on the llama-small train step
-# (benchmarks/train_throughput.py --paired) that ran ~2.4x the speed of nothing_saveable,
-# whose backward recomputes the whole forward (a third more matmul FLOPs), and as fast as no
-# remat with less memory. TPU / GPU: nothing_saveable (full remat, MaxText's "full"), the only
+# batch dimension and recompute only the elementwise rest: faster than nothing_saveable, whose
+# backward recomputes the whole forward (a third more matmul FLOPs), and as fast as no remat
+# with less memory (llama-small train step, BENCHMARKS.md "Training throughput"). TPU / GPU: nothing_saveable (full remat, MaxText's "full"), the only
 # choice that fits billion-parameter layers at pod batch sizes; name another to trade memory.
 REMAT_AUTO = {"cpu": "dots_with_no_batch_dims_saveable"}
 REMAT_AUTO_DEFAULT = "nothing_saveable"
