@@ -84,3 +84,62 @@ def train_step(params: dict, opt_state, batch: dict, *, config: ModelConfig, opt
   (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params, batch, config)
   updates, opt_state = optimizer.update(grads, opt_state, params)
   return optax.apply_updates(params, updates), opt_state, metrics
+
+
+# --- Pairwise accuracy over a preference task (what `glmjax eval` reports for a reward model) ---
+
+def pairwise_accuracy(params: dict, config: ModelConfig, task_name: str, split: str = "validation", *,
+                      sequence_length: int, pairs_per_batch: int = 8, style: str = "instruction",
+                      max_pairs: int = 0) -> dict:
+  """Share of the task's pairs whose chosen response out-scores the rejected one, r(chosen) >
+  r(rejected) strictly (a tie counts as wrong, as `pairwise_loss`), over every pair of `split`
+  (the first `max_pairs` when > 0). Pairs come from glmjax.tasks.preference.pair_batches in the
+  task's order; the last batch is padded with copies of a pair that are not counted, so one
+  compile serves every batch. Returns {pairwise_accuracy, pairs, ties, mean_margin, bt_loss,
+  dropped (prompt too long for sequence_length), truncated}."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from glmjax.model import batch as batch_lib  # pylint: disable=import-outside-toplevel
+  from glmjax.tasks import preference  # pylint: disable=import-outside-toplevel
+  if pairs_per_batch < 1:
+    raise ValueError(f"pairs_per_batch={pairs_per_batch} must be >= 1")
+  stats = preference.PairStats()
+  score = jax.jit(lambda p, b: rewards(p, b, config))
+  chosen, rejected = [], []
+  pending = []
+
+  def flush():
+    real = len(pending)
+    rows = pending + [pending[0]] * (pairs_per_batch - real)
+    batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    batch_lib.check_ids(batch, config)  # ids past the model's vocabulary / positions: one line
+    r = np.asarray(score(params, batch), np.float64)
+    chosen.extend(r[0:2 * real:2])
+    rejected.extend(r[1:2 * real:2])
+    pending.clear()
+
+  for one in preference.pair_batches(task_name, split, pairs=1, sequence_length=sequence_length,
+                                     style=style, stats=stats):
+    if max_pairs and len(chosen) + len(pending) >= max_pairs:
+      break
+    pending.append(one)
+    if len(pending) == pairs_per_batch:
+      flush()
+  if pending:
+    flush()
+  if not chosen:
+    raise ValueError(f"preference task {task_name!r} split {split!r} gave no pairs at sequence_length="
+                     f"{sequence_length} ({stats.dropped} prompts too long); raise the sequence length")
+  c, r = np.asarray(chosen), np.asarray(rejected)
+  margin = c - r
+  return {"pairwise_accuracy": float(np.mean(margin > 0)), "pairs": int(len(c)),
+          "ties": int(np.sum(margin == 0)), "mean_margin": float(np.mean(margin)),
+          "bt_loss": float(np.mean(np.logaddexp(0.0, -margin))), "dropped": stats.dropped,
+          "truncated": stats.truncated}
+
+
+def eval_record(params: dict, config: ModelConfig, task_name: str, split: str = "validation",
+                **options) -> dict:
+  """One `glmjax eval` metrics record for a reward model: {"kind": "reward", "task", "split",
+  **pairwise_accuracy(...)} (options: sequence_length, pairs_per_batch, style, max_pairs)."""
+  return {"kind": "reward", "task": task_name, "split": split,
+          **pairwise_accuracy(params, config, task_name, split, **options)}
