@@ -360,9 +360,10 @@ def _parse_paired(text: str) -> tuple[str, dict, str]:
   impl, *options = spec.split(",")
   overrides = dict(option.split("=", 1) for option in options if "=" in option)
   bad = [o for o in options if "=" not in o] + [k for k in overrides if k not in ("remat", "attention")]
-  if impl not in PAIRED_IMPLS or (isa and isa not in ISA_ENV) or bad or (overrides and impl != "glmjax"):
+  known_isa = not isa or isa in ISA_ENV or isa.startswith("rev=")
+  if impl not in PAIRED_IMPLS or not known_isa or bad or (overrides and impl != "glmjax"):
     raise argparse.ArgumentTypeError(
-        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][@{'|'.join(ISA_ENV)}] with IMPL in {PAIRED_IMPLS} "
+        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][@{'|'.join(ISA_ENV)}|@rev=GITREV] with IMPL in {PAIRED_IMPLS} "
         "(remat / attention only for glmjax)")
   return impl, overrides, isa
 
@@ -372,9 +373,24 @@ def paired_name(text: str) -> str:
   return text
 
 
+def checkout_of(rev: str) -> str:
+  """A git worktree of this repository at `rev` (made once under /tmp), for before/after pairs."""
+  sha = subprocess.run(["git", "rev-parse", "--short", rev], cwd=REPO, check=True, text=True,
+                       stdout=subprocess.PIPE).stdout.strip()
+  path = os.path.join("/tmp", f"glmjax-bench-{sha}")
+  if not os.path.isdir(path):
+    subprocess.run(["git", "worktree", "add", "--detach", path, sha], cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  return path
+
+
 def _child_command(name: str, args) -> tuple[list, dict]:
   impl, overrides, isa = _parse_paired(name)
-  me = [sys.executable, os.path.abspath(__file__), "--warmup", str(args.warmup), "--serve", "--child", impl]
+  script = os.path.abspath(__file__)
+  if isa.startswith("rev="):  # the same benchmark from another commit's checkout
+    script = os.path.join(checkout_of(isa[len("rev="):]), "benchmarks", "train_throughput.py")
+    isa = ""
+  me = [sys.executable, script, "--warmup", str(args.warmup), "--serve", "--child", impl]
   if impl == "glmjax":
     me += ["--remat", overrides.get("remat", args.remat), "--attention", overrides.get("attention", args.attention)]
   env = dict(os.environ)
@@ -496,7 +512,8 @@ def main() -> None:
   parser.add_argument("--paired", nargs=2, metavar=("A", "B"), type=paired_name,
                       help=f"A/B mode: both alive, steps alternating; prints the median ratio A/B last. "
                            f"A, B in {PAIRED_IMPLS}, each optionally ,remat=POLICY ,attention=IMPL (glmjax) and "
-                           f"@{'|'.join(ISA_ENV)} (an environment variant: AVX2 cap, XLA oneDNN dots)")
+                           f"@{'|'.join(ISA_ENV)} (an environment variant: AVX2 cap, XLA oneDNN dots) or "
+                           f"@rev=GITREV (that commit's code, from a git worktree under /tmp)")
   parser.add_argument("--pairs", type=int, default=6)
   parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
