@@ -367,11 +367,14 @@ class LoraTuning:
 
   def init_params(self, rng: jax.Array, base: Optional[dict] = None) -> dict:
     """Adapters around `base` (the loaded base params), or around init_params(config, rng)."""
-    if base is None:
-      base = init_params(self.model_config, rng)
-    if self.lora.quantize:  # QLoRA: the frozen base stored quantized
+    if self.lora.quantize:  # QLoRA: the frozen base stored quantized, built a layer at a time
       from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
-      base = quant.quantize_params(base, self.model_config, self.lora.quantize)
+      if base is None:
+        base = quant.init_quantized_params(self.model_config, rng, self.lora.quantize)
+      else:  # load_base gives it quantized already; a float base is quantized layer by layer
+        base = quant.quantize_params(base, self.model_config, self.lora.quantize)
+    elif base is None:
+      base = init_params(self.model_config, rng)
     return apply_lora(base, self.model_config, self.lora, rng)
 
   def param_shardings(self, mesh, rules) -> dict:
@@ -399,8 +402,15 @@ class LoraTuning:
 
   def load_base(self, mesh, rules) -> Optional[dict]:
     """The base params of `base_checkpoint` on this mesh (params only), or None (random base)."""
-    return load_base(self.model_config, self.lora.base_checkpoint, self.lora.base_step, mesh, rules,
-                     "LoraConfig")
+    if not self.lora.quantize:
+      return load_base(self.model_config, self.lora.base_checkpoint, self.lora.base_step, mesh, rules,
+                       "LoraConfig")
+    if not self.lora.base_checkpoint:
+      return None
+    from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
+    workdir, step = base_step_of(self.lora.base_checkpoint, self.lora.base_step, "LoraConfig")
+    return quant.load_quantized_base(self.model_config, workdir.checkpoints, step, mesh, rules,
+                                     self.lora.quantize)
 
   def checkpoint_view(self, state: dict) -> dict:
     return {**state, "params": adapters_only(state["params"])}
@@ -410,15 +420,9 @@ class LoraTuning:
     return {**restored, "params": with_base(restored["params"], fresh["params"])}
 
 
-def load_base(model_config: ModelConfig, base_checkpoint: str, base_step: int, mesh, rules,
-              owner: str) -> Optional[dict]:
-  """Params of run directory `base_checkpoint` at `base_step` (-1: its newest) on `mesh`, or None
-  when no base is named; `owner` names the config class in the error lines."""
-  if not base_checkpoint:
-    return None
-  from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+def base_step_of(base_checkpoint: str, base_step: int, owner: str):
+  """(Workdir, step) of a base run: `base_step`, or its newest step when -1."""
   from glmjax.run.directory import Workdir  # pylint: disable=import-outside-toplevel
-  from glmjax.run.load import restore_params  # pylint: disable=import-outside-toplevel
   workdir = Workdir(base_checkpoint)
   steps = workdir.steps()
   if not steps:
@@ -426,6 +430,18 @@ def load_base(model_config: ModelConfig, base_checkpoint: str, base_step: int, m
   step = max(steps) if base_step < 0 else base_step
   if step not in steps:
     raise ValueError(f"{owner}.base_step={step} is not a step of {workdir.path} (steps: {steps})")
+  return workdir, step
+
+
+def load_base(model_config: ModelConfig, base_checkpoint: str, base_step: int, mesh, rules,
+              owner: str) -> Optional[dict]:
+  """Params of run directory `base_checkpoint` at `base_step` (-1: its newest) on `mesh`, or None
+  when no base is named; `owner` names the config class in the error lines."""
+  if not base_checkpoint:
+    return None
+  from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from glmjax.run.load import restore_params  # pylint: disable=import-outside-toplevel
+  workdir, step = base_step_of(base_checkpoint, base_step, owner)
   shardings = shd.param_shardings(model_config, mesh, rules)
   shapes = jax.eval_shape(functools.partial(init_params, model_config), jax.random.PRNGKey(0))
   abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),

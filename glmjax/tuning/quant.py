@@ -129,17 +129,31 @@ def quantize_int8(w, lead: int, in_ndim: int) -> QuantizedWeight:
   return QuantizedWeight(codes, scale, None, None, "int8", tuple(w.shape[lead:]), str(w.dtype))
 
 
+def _lead(config: ModelConfig, name: str) -> int:
+  return 2 if config.num_experts and name in ("w_up", "w_gate", "w_down") else 1
+
+
+def quantize_projection(w, name: str, kind: str, lead: int) -> QuantizedWeight:
+  """One stacked projection [layers, ...] quantized layer by layer (`lax.map` over the layers
+  axis: the quantizer's temporaries, 16x the weight for NF4's nearest-level search, exist for one
+  layer at a time). Blocks never cross layers, so this equals quantizing the stack at once."""
+  def one(w_layer):
+    w_layer = w_layer[None]
+    q = quantize_nf4(w_layer, lead) if kind == "nf4" else quantize_int8(w_layer, lead, lora_lib.PROJECTIONS[name])
+    return jax.tree.map(lambda x: x[0], q)
+  return jax.lax.map(one, w)
+
+
 def quantize_params(params: dict, config: ModelConfig, kind: str) -> dict:
-  """Every layer projection (plain, or the base of a LoraWeight) quantized to `kind`."""
+  """Every layer projection (plain, or the base of a LoraWeight) quantized to `kind`; leaves
+  already quantized are kept."""
   if kind not in KINDS:
     raise ValueError(f"quantize kind={kind!r} is not one of {KINDS}")
-  lead = 2 if config.num_experts else 1
 
   def quantize(name, w):
-    lead_here = lead if name in ("w_up", "w_gate", "w_down") else 1
-    if kind == "nf4":
-      return quantize_nf4(w, lead_here)
-    return quantize_int8(w, lead_here, lora_lib.PROJECTIONS[name])
+    if is_quantized(w):
+      return w
+    return quantize_projection(w, name, kind, _lead(config, name))
 
   def visit(path, leaf):
     name = lora_lib._key_name(path[-1])  # pylint: disable=protected-access
@@ -162,3 +176,82 @@ def projection_bytes(params: dict) -> int:
     leaf = leaf.base if lora_lib.is_lora(leaf) else leaf
     total += leaf.nbytes() if is_quantized(leaf) else int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
   return total
+
+
+def _is_projection(path) -> bool:
+  return (lora_lib._key_name(path[0]) == "layers"  # pylint: disable=protected-access
+          and lora_lib._key_name(path[-1]) in lora_lib.PROJECTIONS)  # pylint: disable=protected-access
+
+
+def init_quantized_params(config: ModelConfig, rng: jax.Array, kind: str) -> dict:
+  """A randomly initialised base with its layer projections born quantized, one layer at a time:
+  layer l of a projection is drawn as spec.init(fold_in(key, l)) (key folded from the path as in
+  init_params) and quantized inside a `lax.map`, so no layer stack of float weights exists. The
+  draws are per layer, so this base is not init_params(config, rng) quantized; the QLoRA runs of
+  one seed all get this same base (resume, load). Other leaves are init_params'."""
+  from glmjax.model.params import _path_hash, is_spec, param_specs  # pylint: disable=import-outside-toplevel
+  if kind not in KINDS:
+    raise ValueError(f"quantize kind={kind!r} is not one of {KINDS}")
+
+  def build(path, spec):
+    key = jax.random.fold_in(rng, _path_hash(path))
+    if not _is_projection(path):
+      return spec.init(key, spec.shape, spec.dtype)
+    name = lora_lib._key_name(path[-1])  # pylint: disable=protected-access
+    lead = _lead(config, name)
+
+    def one(layer):  # a unit layers axis keeps the initializer's fan axes where they are
+      w = spec.init(jax.random.fold_in(key, layer), (1,) + tuple(spec.shape[1:]), spec.dtype)
+      q = quantize_nf4(w, lead) if kind == "nf4" else quantize_int8(w, lead, lora_lib.PROJECTIONS[name])
+      return jax.tree.map(lambda x: x[0], q)
+    return jax.lax.map(one, jnp.arange(spec.shape[0], dtype=jnp.uint32))
+
+  return jax.tree_util.tree_map_with_path(build, param_specs(config), is_leaf=is_spec)
+
+
+def load_quantized_base(config: ModelConfig, checkpoints_dir: str, step: int, mesh, rules, kind: str) -> dict:
+  """The params of a float checkpoint with the layer projections quantized, read one projection
+  at a time: the float stack of one projection (and the quantizer's one-layer temporaries) is the
+  most float weight held at once, never the whole float base."""
+  import functools  # pylint: disable=import-outside-toplevel
+  from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
+  from glmjax.model.params import init_params  # pylint: disable=import-outside-toplevel
+  from glmjax.run.load import restore_params  # pylint: disable=import-outside-toplevel
+  shardings = shd.param_shardings(config, mesh, rules)
+  shapes = jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0))
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+  flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def nested(items):
+    out = {}
+    for path, value in items:
+      node = out
+      for entry in path[:-1]:
+        node = node.setdefault(lora_lib._key_name(entry), {})  # pylint: disable=protected-access
+      node[lora_lib._key_name(path[-1])] = value  # pylint: disable=protected-access
+    return out
+
+  rest = restore_params(checkpoints_dir, step, nested([(p, a) for p, a in flat if not _is_projection(p)]))
+  done = {}
+  for path, leaf in flat:
+    if not _is_projection(path):
+      continue
+    name = lora_lib._key_name(path[-1])  # pylint: disable=protected-access
+    w = restore_params(checkpoints_dir, step, nested([(path, leaf)]))
+    for entry in path:
+      w = w[lora_lib._key_name(entry)]  # pylint: disable=protected-access
+    quantize = jax.jit(functools.partial(quantize_projection, name=name, kind=kind, lead=_lead(config, name)),
+                       out_shardings=replicated)
+    done[path] = quantize(w)
+    del w
+  full = {}
+  for path, _ in flat:
+    node, source = full, rest
+    for entry in path[:-1]:
+      key = lora_lib._key_name(entry)  # pylint: disable=protected-access
+      node = node.setdefault(key, {})
+      source = source.get(key, {}) if isinstance(source, dict) else {}
+    key = lora_lib._key_name(path[-1])  # pylint: disable=protected-access
+    node[key] = done[path] if path in done else source[key]
+  return full
