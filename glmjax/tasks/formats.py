@@ -85,6 +85,16 @@ def render_options(options: tf.Tensor) -> tf.Tensor:
   return tf.where(tf.strings.length(options) > 0, listed, tf.fill(tf.shape(options), ""))
 
 
+def render_text(template: str, record: Mapping[str, object]) -> str:
+  """`render` in plain Python, for one record of strings ({options} -> the OPTIONS list)."""
+  def value(name):
+    if name == "options":
+      options = str(record["options"])
+      return "\nOPTIONS:\n- " + options.replace("\n", "\n- ") if options else ""
+    return str(record[name])
+  return "".join(value(name) if is_field else name for is_field, name in _parse_template(template, tuple(record)))
+
+
 def _fields(record: Mapping[str, tf.Tensor], extra: Sequence[str] = ()) -> dict[str, tf.Tensor]:
   return {"question": record["question"], "options": render_options(record["options"]),
           "answer": record["answer"], "rationale": record["rationale"], **{k: record[k] for k in extra}}

@@ -59,3 +59,30 @@ def test_unknown_tokenizer_folder_is_a_value_error(tmp_path):
   vocabulary = chatml.HFTokenizerVocabulary(tmp_path)
   with pytest.raises(ValueError, match="no HuggingFace tokenizer"):
     vocabulary.encode("hi")
+
+
+def test_line_table_is_the_tokenizer_on_known_lines_and_bytes_on_others(hf_tokenizer):
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  vocabulary = seqio.get_mixture_or_task(f"{PREFIX}_copa_zero_shot").output_features["tokens"].vocabulary
+  table = chatml.LineTable(vocabulary, ["Known line, déjà vu.", "OPTIONS:", ""])
+  known = "Known line, déjà vu.\nOPTIONS:\n\nKnown line, déjà vu."
+  ids = table.encode_tf(tf.constant(known)).numpy().tolist()
+  assert ids == hf_tokenizer.encode(known, add_special_tokens=False)
+  unseen = "Never seen: naïve café ✓\nOPTIONS:"
+  ids = table.encode_tf(tf.constant(unseen)).numpy().tolist()
+  assert hf_tokenizer.decode(ids) == unseen and ids != hf_tokenizer.encode(unseen, add_special_tokens=False)
+
+
+def test_iterator_state_of_a_chatml_task_can_be_checkpointed(hf_tokenizer, tmp_path):
+  """The trainer saves the tf.data iterator with every checkpoint (no tf.py_function inside)."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  task = seqio.get_mixture_or_task(f"{PREFIX}_cb_few_shot")
+  with seqio.map_seed_manager(0):
+    ds = task.get_dataset({"tokens": 1024}, split="train", shuffle=True, seed=0)
+  iterator = iter(ds)
+  next(iterator)
+  checkpoint = tf.train.Checkpoint(iterator=iterator)
+  path = checkpoint.save(str(tmp_path / "it"))
+  after = next(iterator)["tokens"].numpy().tolist()
+  checkpoint.restore(path)
+  assert next(iterator)["tokens"].numpy().tolist() == after

@@ -221,13 +221,16 @@ def registered_mixture_names(prefix: str = PREFIX) -> list[str]:
   return names
 
 
-def register(*, prefix: str = PREFIX, vocabulary=None, cap: int = MIXING_CAP, encode=None) -> None:
-  """Registers every task and the mixtures of `registered_mixture_names` (idempotent)."""
+def register(*, prefix: str = PREFIX, vocabulary=None, cap: int = MIXING_CAP, encoder=None) -> None:
+  """Registers every task and the mixtures of `registered_mixture_names` (idempotent).
+
+  `encoder(dataset, fmt)`, when given, makes each task's formats.flan `encode`."""
   if prefix in seqio.MixtureRegistry.names():
     return
   for dataset in records.dataset_names():
     for fmt in formats_of(dataset):
-      register_task(dataset, fmt, prefix=prefix, vocabulary=vocabulary, encode=encode)
+      register_task(dataset, fmt, prefix=prefix, vocabulary=vocabulary,
+                    encode=encoder(dataset, fmt) if encoder else None)
   for name in registered_mixture_names(prefix):
     register_mixture(name, cap=cap, prefix=prefix)
 
