@@ -252,6 +252,11 @@ def main(argv=None) -> int:
   p.add_argument("--harness_python", default="/work/venvs/harness/bin/python")
   p.add_argument("--tasks", default=",".join(TASKS))
   p.add_argument("--scale", type=float, default=1.0, help="multiplies every LIMITS entry")
+  p.add_argument("--scale0", type=float, default=None, help="zero-shot only (default --scale)")
+  p.add_argument("--scale5", type=float, default=None, help="5-shot only (default --scale)")
+  p.add_argument("--reuse", action="store_true",
+                 help="take a setting's harness_/glmjax_<k>shot.json from --work when present "
+                      "(same limits: the data files are rewritten identically)")
   p.add_argument("--batch_size", type=int, default=8)
   p.add_argument("--shots", default="0,5", help="settings to run (LIMITS has 0 and 5)")
   args = p.parse_args(argv)
@@ -264,16 +269,35 @@ def main(argv=None) -> int:
   hf, run = ensure_model(args.work)
   worst_logit = logits_check(hf, run)
   log(f"logits: max |glmjax - transformers| = {worst_logit:.2e}")
-  rows, walls = [], {}
+  rows, walls, sizes_all = [], {}, {}
   for k in (int(x) for x in args.shots.split(",")):
-    limits = {t: max(1, int(round(LIMITS[k][t] * args.scale))) for t in tasks}
+    scale = {0: args.scale0, 5: args.scale5}.get(k)
+    scale = args.scale if scale is None else scale
+    limits = {t: max(1, int(round(LIMITS[k][t] * scale))) for t in tasks}
     include, sizes = _write_data(args.work, tasks, limits, upstream, k)
-    theirs = run_harness(args.harness_python, hf, include, tasks, k,
-                         os.path.join(args.work, f"harness_{k}shot.json"), args.batch_size)
-    ours = run_glmjax(run, tasks, k, sizes_limits(sizes), os.path.join(args.work, f"glmjax_{k}shot.json"),
-                      args.batch_size)
+    out_h = os.path.join(args.work, f"harness_{k}shot.json")
+    out_g = os.path.join(args.work, f"glmjax_{k}shot.json")
+    if args.reuse and os.path.exists(out_h):
+      with open(out_h) as f:
+        theirs = json.load(f)
+      log(f"{k}-shot: harness results reused from {out_h}")
+    else:
+      theirs = run_harness(args.harness_python, hf, include, tasks, k, out_h, args.batch_size)
+    if args.reuse and os.path.exists(out_g):
+      with open(out_g) as f:
+        ours = json.load(f)
+      ours.setdefault("wall_s", float("nan"))
+      log(f"{k}-shot: glmjax results reused from {out_g}")
+    else:
+      ours = run_glmjax(run, tasks, k, sizes_limits(sizes), out_g, args.batch_size)
+      with open(out_g) as f:
+        saved = json.load(f)
+      saved["wall_s"] = ours["wall_s"]
+      with open(out_g, "w") as f:
+        json.dump(saved, f)
     walls[f"{k}shot"] = {"harness_s": theirs["wall_s"], "glmjax_s": ours["wall_s"]}
     log(f"{k}-shot: harness {theirs['wall_s']:.0f} s, glmjax {ours['wall_s']:.0f} s (incl. load)")
+    sizes_all[k] = sizes
     for task in tasks:
       row = compare(task, k, ours, theirs, sizes[task])
       rows.append(row)
@@ -291,7 +315,8 @@ def main(argv=None) -> int:
   print(json.dumps(info))
   with open(os.path.join(args.work, "parity.json"), "w") as f:
     json.dump({"rows": rows, "walls": walls, "total_s": total, "logits_max_abs_diff": worst_logit,
-               "versions": info, "scale": args.scale}, f, indent=1)
+               "versions": info, "scale": args.scale, "scale0": args.scale0, "scale5": args.scale5,
+               "sizes": sizes_all}, f, indent=1)
   return 0
 
 

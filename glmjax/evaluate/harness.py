@@ -374,6 +374,12 @@ def score_bucketed(params, config, rows: Sequence[dict], batch_size: int) -> lis
   return out
 
 
+def _keep_last(ids: list, room: int) -> list:
+  """The last `room` ids (left truncation, as lm-eval's HFLM), at least one."""
+  room = max(1, room)
+  return list(ids[max(0, len(ids) - room):])
+
+
 def request_rows(tokens: Tokens, reqs: Sequence[Request], mode: str, convention=None,
                  max_length: int = 0) -> list[dict]:
   rows = []
@@ -383,10 +389,11 @@ def request_rows(tokens: Tokens, reqs: Sequence[Request], mode: str, convention=
       raise ValueError(f"empty continuation for {req.continuation!r}")
     if mode == "append":
       if max_length:  # HFLM: (context + continuation)[-(max_length + 1):][:-1]
-        keep = max_length + 1 - len(cont)
-        ctx = ctx[max(0, len(ctx) - keep):]
+        ctx = _keep_last(ctx, max_length + 1 - len(cont))
       rows.append(scoring.append_row(ctx, cont))
-    else:
+    else:  # Part A = context + [gMASK], Part B = <sop> + continuation: len(ctx) + 1 + len(cont)
+      if max_length:
+        ctx = _keep_last(ctx, max_length - 1 - len(cont))
       kwargs = {} if convention is None else {"convention": convention}
       rows += scoring.option_rows(ctx, [cont], mode="blank", specials=tokens.specials, **kwargs)
   return rows
@@ -582,11 +589,15 @@ def evaluate_cloze(params, config, tokens: Tokens, dataset: str, docs, cfg: Harn
   for i, item in enumerate(items):
     before, after = cloze_tokens(tokens, item.pattern)
     options = [tokens.encode(" " + v if tokens.kind == "hf" else v) for v in item.verbalizers]
-    if cfg.mode == "blank":
+    longest = max(map(len, options))
+    if cfg.mode == "blank":  # the passage (before the mask) is cut from the left to fit
+      after = after[:max(0, config.max_length // 4)]
+      before = _keep_last(before, config.max_length - len(after) - 2 - longest)
       context = before + [tokens.specials.mask_ids[0]] + after
       kwargs = {} if convention is None else {"convention": convention}
       rows += scoring.option_rows(context, options, mode="blank", specials=tokens.specials, **kwargs)
     else:
+      before = _keep_last(before, config.max_length + 1 - longest)
       rows += [scoring.append_row(before, o) for o in options]
     owners += [i] * len(options)
   scores = score_bucketed(params, config, rows, cfg.batch_size)

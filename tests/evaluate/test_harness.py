@@ -281,3 +281,19 @@ def test_cli_bad_tasks_exit_2(tasks, message, capsys, tmp_path):
   code = evaluate.main(["--checkpoint", str(tmp_path), "--tasks", tasks])
   err = capsys.readouterr().err.strip()
   assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_long_contexts_are_cut_from_the_left_to_fit():
+  specials = scoring.Specials(mask_ids=(3, 4, 5), gmask=5, sop=6, eop=7)
+  tok = harness.Tokens(lambda s: [10 + ord(c) % 50 for c in s], lambda ids: "", specials=specials,
+                       kind="glm")
+  req = harness.Request(0, 0, "x" * 200 + "Answer:", " yes")
+  for mode in ("append", "blank"):
+    [row] = harness.request_rows(tok, [req], mode, max_length=64)
+    assert len(row["tokens"]) <= 64 and sum(row["loss_mask"]) == len(" yes")
+    ids = row["tokens"]
+    if mode == "blank":  # Part A = the last tokens of the context, then [gMASK]
+      a = sum(row["bidirectional"])
+      assert ids[a - 1] == 5 and ids[a - 8:a - 1] == tok.encode("Answer:")
+    else:
+      assert ids[:len(ids) - len(" yes") + 1][-7:] == tok.encode("Answer:")
