@@ -12,7 +12,9 @@ It is not a strict floor: XLA may never hold all gradients at once (each layer's
 follow its gradient inside the backward scan). The training
 shapes: bf16 compute over float32 params, full remat (`nothing_saveable`), Pallas flash
 attention (the Mosaic kernels), pure FSDP over the slice (MeshConfig.fsdp = -1), one sequence
-per chip unless noted. Prints a markdown table and a `RESULT_JSON:` line.
+per chip unless noted. The `-chunked` / `-offload` / `-bf16adam` rows add the memory options
+(ModelConfig.loss_impl = 'chunked', remat_policy = 'offload_layer_input', bf16 Adam moments).
+Prints a markdown table and a `RESULT_JSON:` line.
 
 Real-size compiles take minutes each on a 2-core host and several GiB of host memory.
 """
@@ -71,8 +73,11 @@ ROWS = [
                "ModelConfig.ffn_dim = 57344"]),
     # The memory options of ModelConfig / OptimizerConfig (issue #12's "does not fit" rows).
     row("chatglm2-6b-32k-chunked/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768, extra=CHUNKED),
+    row("chatglm2-6b-32k-chunked/v5p-8", "chatglm2.gin", "v5p:2x2x1", 4, 32768, extra=CHUNKED),
     row("chatglm2-6b-32k-chunked-offload/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768,
         extra=CHUNKED + OFFLOAD),
+    row("chatglm2-6b-32k-offload-bf16adam/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768,
+        extra=OFFLOAD + BF16_ADAM),  # the control: dense logits, the other two options
     row("chatglm2-6b-32k-chunked-offload-bf16adam/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768,
         extra=CHUNKED + OFFLOAD + BF16_ADAM),
     row("chatglm2-6b-decode/v5e-4", "chatglm2.gin", "v5e:2x2", 8, 1, step="decode", context=8192,
