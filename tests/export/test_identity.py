@@ -32,7 +32,7 @@ def test_runtime_fields_stay_out_of_config_json_and_model_gin(tmp_path):
   assert stored == architecture_fields(config)
   imported, imported_config = from_huggingface(str(tmp_path))
   assert imported_config == dataclasses.replace(config, attention_impl="auto", dtype="float32",
-                                                remat_policy="nothing_saveable")
+                                                remat_policy="auto")
   assert helpers.leaves_equal(imported, params)
 
   gin = importer.model_gin(imported_config, str(tmp_path))
