@@ -426,8 +426,11 @@ def compile_report(experiment, topology: str, *, num_slices: int = 1, step: str 
 
 def memory_options(experiment) -> dict:
   """The gin choices that trade memory (ModelConfig / OptimizerConfig), as the report shows them."""
+  from glmjax.model import config as config_lib  # pylint: disable=import-outside-toplevel
   model, opt = experiment.model, experiment.optimizer
-  return {"remat_policy": model.remat_policy, "loss_impl": model.loss_impl,
+  # The policy the TPU step runs ("auto" resolves per platform; this compiles for TPU).
+  remat = config_lib.resolve_remat_policy(model.remat_policy, "tpu")
+  return {"remat_policy": remat, "loss_impl": model.loss_impl,
           "loss_chunk_size": model.loss_chunk_size if model.loss_impl == "chunked" else None,
           "optimizer": opt.name, "mu_dtype": opt.mu_dtype or model.param_dtype,
           "nu_dtype": opt.nu_dtype or model.param_dtype, "state_sharding": opt.state_sharding}

@@ -55,3 +55,11 @@ def test_traced_platform_follows_the_mesh_of_a_tpu_topology():
     jax.jit(traced).trace(jax.ShapeDtypeStruct((4,), jnp.float32))
   seen.append(transformer.traced_platform())  # outside: the host's backend
   assert seen == ["tpu", "cpu"]
+
+
+def test_glmjax_compile_reports_the_policy_the_tpu_step_runs():
+  from glmjax import aot
+  from glmjax.trainer import Experiment
+  assert aot.memory_options(Experiment())["remat_policy"] == "nothing_saveable"
+  explicit = Experiment(model=dataclasses.replace(ModelConfig(), remat_policy="save_qkv_proj"))
+  assert aot.memory_options(explicit)["remat_policy"] == "save_qkv_proj"
