@@ -191,8 +191,10 @@ def tuning_for(model_config: ModelConfig, prefix: Optional[PrefixConfig], data=N
 
 def restore_prefix_params(checkpoints_dir: str, step: int, experiment, mesh, rules) -> dict:
   """A P-Tuning run's params on `mesh`: its base (base_checkpoint, or the seed's init as in
-  training) with the prefix of checkpoint `step` (what generate / eval read; the decoder uses the
-  prefix on its own)."""
+  training) with the prefix of checkpoint `step`. The KV-cache decoder (generate) uses the prefix
+  from these params on its own; a full forward over them (eval scoring) must get
+  `with_prefix_rows` batches, since the attention sublayer writes the prefix over a row's first P
+  positions."""
   from glmjax.run.load import restore_params  # pylint: disable=import-outside-toplevel
   tuning = PrefixTuning(experiment.model, experiment.prefix)
   init = jax.jit(tuning.init_params, out_shardings=tuning.param_shardings(mesh, rules))
