@@ -361,7 +361,7 @@ class Llama(Target):
       raise ValueError(f"{self.architecture} config has partial_rotary_factor={fraction}, which "
                        "LlamaForCausalLM ignores; refusing an ambiguous checkpoint")
     act = hf_activation(hf.hidden_act, "hidden_act")
-    return ModelConfig(
+    return ModelConfig(prompt_layout="causal",  # a HF CausalLM: plain causal prompts
         vocab_size=hf.vocab_size, d_model=hf.hidden_size, num_layers=hf.num_hidden_layers,
         num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
@@ -437,7 +437,7 @@ class Glm(Target):
     theta, fraction = rope_parameters(hf, scaled=True)
     act = hf_activation(hf.hidden_act, "hidden_act")
     sandwich = getattr(hf, "model_type", "glm") == "glm4"
-    return ModelConfig(
+    return ModelConfig(prompt_layout="causal",  # a HF CausalLM: plain causal prompts
         vocab_size=hf.vocab_size, d_model=hf.hidden_size, num_layers=hf.num_hidden_layers,
         num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
         head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
@@ -504,7 +504,7 @@ class Cohere(Target):
       raise ValueError(f"config.json logit_scale={hf.logit_scale}: glmjax has no logit scale; "
                        "fold it into the lm head / embeddings first")
     act = hf_activation(hf.hidden_act, "hidden_act")
-    return ModelConfig(
+    return ModelConfig(prompt_layout="causal",  # a HF CausalLM: plain causal prompts
         vocab_size=hf.vocab_size, d_model=hf.hidden_size, num_layers=hf.num_hidden_layers,
         num_heads=hf.num_attention_heads, num_kv_heads=hf.num_key_value_heads,
         head_dim=hf.hidden_size // hf.num_attention_heads, ffn_dim=hf.intermediate_size,
@@ -569,7 +569,7 @@ class GPTNeoX(Target):
   def model_config(self, hf):
     theta, fraction = rope_parameters(hf)
     act = hf_activation(hf.hidden_act, "hidden_act")
-    return ModelConfig(
+    return ModelConfig(prompt_layout="causal",  # a HF CausalLM: plain causal prompts
         vocab_size=hf.vocab_size, d_model=hf.hidden_size, num_layers=hf.num_hidden_layers,
         num_heads=hf.num_attention_heads, num_kv_heads=hf.num_attention_heads,
         head_dim=hf.hidden_size // hf.num_attention_heads, ffn_dim=hf.intermediate_size,
@@ -655,7 +655,7 @@ class GPT2(Target):
       raise ValueError("config.json scale_attn_weights=False: glmjax always scales by 1/sqrt(head_dim)")
     act = hf_activation(hf.activation_function, "activation_function")
     D, H = hf.n_embd, hf.n_head
-    return ModelConfig(
+    return ModelConfig(prompt_layout="causal",  # a HF CausalLM: plain causal prompts
         vocab_size=hf.vocab_size, d_model=D, num_layers=hf.n_layer, num_heads=H, num_kv_heads=H,
         head_dim=D // H, ffn_dim=hf.n_inner or 4 * D, max_length=hf.n_positions, norm="layernorm",
         norm_eps=hf.layer_norm_epsilon, ffn=ffn_name(act, False), qkv_bias=True, attn_out_bias=True,
@@ -713,7 +713,7 @@ class Bloom(Target):
     if getattr(hf, "apply_residual_connection_post_layernorm", False):
       raise ValueError("config.json apply_residual_connection_post_layernorm=True: no glmjax equivalent")
     D, H = hf.hidden_size, hf.n_head
-    return ModelConfig(
+    return ModelConfig(prompt_layout="causal",  # a HF CausalLM: plain causal prompts
         vocab_size=hf.vocab_size, d_model=D, num_layers=hf.n_layer, num_heads=H, num_kv_heads=H,
         head_dim=D // H, ffn_dim=4 * D, max_length=getattr(hf, "seq_length", None) or 2048,
         norm="layernorm", norm_eps=hf.layer_norm_epsilon, ffn="gelu_tanh", qkv_bias=True,

@@ -154,6 +154,11 @@ def shrink_gradient(x, alpha: float):
 
 # --- Feed-forward -----------------------------------------------------------------------------
 
+# Weights may carry their own `matmul_2d(x)` (glmjax.tuning.lora.LoraDropoutWeight: LoRA dropout
+# masks the adapter's input, so the weight needs x); glmjax.tuning.lora.dropout_wired checks this.
+INPUT_AWARE_WEIGHTS = True
+
+
 def matmul_2d(x, w_2d, **kwargs):
   """x [..., K] @ w [K, N] as one [T, K] x [K, N] matmul, T = prod(leading dims).
 
@@ -162,6 +167,8 @@ def matmul_2d(x, w_2d, **kwargs):
   B and L) gets a strided transpose fused into it: the MLP's forward + backward
   ran ~1.7x faster in 2-D on the project's CPU. The reshapes are free (bitcasts).
   """
+  if hasattr(w_2d, "matmul_2d"):  # an input-aware weight (see INPUT_AWARE_WEIGHTS)
+    return w_2d.matmul_2d(x, **kwargs)
   lead = x.shape[:-1]
   return jnp.dot(x.reshape(-1, x.shape[-1]), w_2d, **kwargs).reshape(lead + (w_2d.shape[-1],))
 

@@ -103,6 +103,9 @@ def load_params(path: str, step: Optional[int] = None, *, devices: Optional[Sequ
       if experiment.lora.enabled:  # the checkpoint holds adapters only: base read again, merged
         from glmjax.tuning import lora as lora_lib  # pylint: disable=import-outside-toplevel
         params = lora_lib.load_merged(workdir.checkpoints, candidate, experiment, mesh, rules)
+      elif experiment.prefix.enabled:  # P-Tuning v2: the base again, the checkpoint's prefix on it
+        from glmjax.tuning import prefix as prefix_lib  # pylint: disable=import-outside-toplevel
+        params = prefix_lib.restore_prefix_params(workdir.checkpoints, candidate, experiment, mesh, rules)
       else:
         shardings = shd.param_shardings(experiment.model, mesh, rules)
         shapes = jax.eval_shape(functools.partial(init_params, experiment.model), jax.random.PRNGKey(0))

@@ -105,29 +105,48 @@ def float_grad(fn):
   return wrapped
 
 
-def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepConfig):
-  """(grads, sums) of the whole batch, accumulated over microbatches when asked."""
+# The LM train step hands `tuning.train_forward(key, forward)` the per-step key (LoRA dropout;
+# glmjax.tuning.lora.dropout_wired checks this).
+TUNING_TRAIN_FORWARD = True
+
+
+def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepConfig, dropout=None):
+  """(grads, sums) of the whole batch, accumulated over microbatches when asked.
+
+  `dropout` = (key, tuning): the forwards are tuning.train_forward(key, f) (train-mode LoRA
+  dropout); with microbatches, microbatch i's key is fold_in(key, i)."""
   total_weight = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
   grad_fn = float_grad(loss_and_sums)
   m = step_config.microbatches
+
+  def forwards(forward, hidden, index=None):
+    if dropout is None:
+      return forward, hidden
+    key, tuning = dropout
+    key = key if index is None else jax.random.fold_in(key, index)
+    return tuning.train_forward(key, forward), tuning.train_forward(key, hidden)
+
   if pipeline.stage_count() > 1:  # the microbatches flow through the `stage` axis (GPipe)
-    forward = functools.partial(pipeline.forward_with_aux, microbatches=m)
-    hidden = functools.partial(pipeline.hidden_with_aux, microbatches=m)
+    forward, hidden = forwards(functools.partial(pipeline.forward_with_aux, microbatches=m),
+                               functools.partial(pipeline.hidden_with_aux, microbatches=m))
     return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0, forward,
                    hidden)
   if m == 1:
-    return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0)
+    return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0,
+                   *forwards(forward_with_aux, transformer.hidden_with_aux))
 
-  def body(acc, microbatch):
+  def body(acc, indexed):
+    index, microbatch = indexed
     microbatch = {k: constrain(v, ("batch", "length")) for k, v in microbatch.items()}
-    grads, sums = grad_fn(params, microbatch, model_config, total_weight, step_config.z_loss, 1.0 / m)
+    grads, sums = grad_fn(params, microbatch, model_config, total_weight, step_config.z_loss, 1.0 / m,
+                          *forwards(forward_with_aux, transformer.hidden_with_aux, index))
     acc_grads, acc_sums = acc
     return (jax.tree.map(jnp.add, acc_grads, grads), jax.tree.map(jnp.add, acc_sums, sums)), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   zero_sums = {k: jnp.zeros((), jnp.float32)
                for k in ("nll_sum", "z_sum", "correct_sum", "weight_sum", "moe_aux_sum")}
-  (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), split_microbatches(batch, m))
+  (grads, sums), _ = jax.lax.scan(body, (zeros, zero_sums), (jnp.arange(m), split_microbatches(batch, m)))
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   return grads, sums
 
@@ -148,8 +167,11 @@ def guarded_update(state: dict, grads, loss, optimizer) -> tuple[dict, dict]:
 
 
 def train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer, schedule,
-               step_config: StepConfig):
-  grads, sums = gradients(state["params"], batch, model_config, step_config)
+               step_config: StepConfig, tuning=None):
+  dropout = None
+  if tuning is not None and hasattr(tuning, "train_forward"):
+    dropout = (jax.random.fold_in(state["rng"], state["step"]), tuning)
+  grads, sums = gradients(state["params"], batch, model_config, step_config, dropout)
   weight = jnp.maximum(sums["weight_sum"], 1.0)
   nll = sums["nll_sum"] / weight
   z_term = step_config.z_loss * sums["z_sum"] / weight
@@ -199,7 +221,7 @@ class TrainProgram:
 
     self._init = jax.jit(self._init_state, static_argnums=(), out_shardings=self.state_shardings)
     step_fn = functools.partial(train_step, model_config=model_config, optimizer=self.optimizer,
-                                schedule=self.schedule, step_config=step_config)
+                                schedule=self.schedule, step_config=step_config, tuning=tuning)
     self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                          out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
     self._eval = jax.jit(functools.partial(eval_sums, model_config=model_config),

@@ -64,6 +64,9 @@ def test_imported_params_give_the_transformers_logits(name, tmp_path):
   params, config = from_huggingface(str(tmp_path))
   assert config.vocab_size == model.config.vocab_size
   assert config.num_layers == 2
+  # A transformers CausalLM is prompted causally: its run must not train or score GLM blank
+  # infilling prompts (bidirectional Part A) by default.
+  assert config.prompt_layout == "causal"
 
   tokens = helpers.random_tokens(config.vocab_size, (2, 11))
   with torch.no_grad():

@@ -184,6 +184,48 @@ def test_dpo_step_threads_the_state_rng(hooked):
 def test_bad_rate_and_unwired_step_are_refused_by_field():
   with pytest.raises(ValueError, match=r"LoraConfig.dropout=1.0 must be in \[0, 1\)"):
     lora_lib.validate(LoraConfig(rank=2, dropout=1.0))
-  if not lora_lib.dropout_wired():  # until layers / step carry the hooks: refused, not ignored
-    with pytest.raises(ValueError, match="LoraConfig.dropout=0.1 is not wired"):
-      lora_lib.LoraTuning(CONFIG, LoraConfig(rank=2, dropout=0.1))
+  assert lora_lib.dropout_wired()  # layers.matmul_2d and the LM train step carry the hooks
+  lora_lib.LoraTuning(CONFIG, LoraConfig(rank=2, dropout=0.1))
+
+
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_lm_train_step_draws_masks_from_the_state_rng(microbatches):
+  """The trainer's own LM step (no monkeypatch: the hooks are in layers.py / step.py): its loss
+  at steps 0 and 1 equals the objective by hand on dropout_view(params, fold_in(rng, step))
+  (microbatch i: fold_in of that, i), and the masks change between steps."""
+  from glmjax.sharding import MeshConfig
+  from glmjax.trainer import loss as loss_lib
+  from glmjax.trainer.optim import OptimizerConfig
+  from glmjax.trainer.step import StepConfig, TrainProgram, split_microbatches
+  lora = LoraConfig(rank=4, alpha=8.0, dropout=RATE)
+  tuning = lora_lib.LoraTuning(CONFIG, lora)
+  program = TrainProgram(CONFIG, OptimizerConfig(learning_rate=1e-12), MeshConfig(), num_steps=4,
+                         global_batch_size=4, devices=jax.devices()[:1], tuning=tuning,
+                         step_config=StepConfig(microbatches=microbatches))
+  state = program.init_state(0)
+  rng_b = np.random.default_rng(0)
+  state = {**state, "params": jax.device_put(jax.tree.map(
+      lambda x: lora_lib.LoraWeight(x.base, x.a, 0.3 * rng_b.standard_normal(x.b.shape).astype(np.float32),
+                                    x.scale, x.in_ndim) if lora_lib.is_lora(x) else x,
+      state["params"], is_leaf=lora_lib.is_lora), program.param_shardings)}
+  rng, params = jnp.asarray(np.asarray(state["rng"])), jax.tree.map(np.asarray, state["params"])
+  tokens = np.random.default_rng(3).integers(1, CONFIG.vocab_size, (4, 9)).astype(np.int32)
+  batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((4, 8), np.float32)}
+  expected = []
+  for step in (0, 1):
+    key = jax.random.fold_in(rng, step)
+    parts = ([batch] if microbatches == 1 else
+             [jax.tree.map(lambda x, i=i: x[i], split_microbatches(batch, microbatches)) for i in range(microbatches)])
+    nll = weight = 0.0
+    for i, part in enumerate(parts):
+      k = key if microbatches == 1 else jax.random.fold_in(key, i)
+      logits, _ = tuning.train_forward(k)(params, {n: jnp.asarray(v) for n, v in part.items()}, CONFIG)
+      sums = loss_lib.token_loss_sums(logits, jnp.asarray(part["targets"]), jnp.asarray(part["loss_mask"]))
+      nll, weight = nll + float(sums["nll_sum"]), weight + float(sums["weight_sum"])
+    expected.append(nll / weight)
+  got = []
+  for _ in range(2):
+    state, metrics = program.train_step(state, program.global_batch(batch))
+    got.append(float(metrics["loss"]))
+  np.testing.assert_allclose(got, expected, rtol=1e-5)
+  assert abs(got[0] - got[1]) > 1e-4
