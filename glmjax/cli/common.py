@@ -155,5 +155,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 def load_checkpoint_params(args, prog: str):
   """glmjax.run.load.load_params for --checkpoint / --step, reporting skipped steps on stderr."""
   from glmjax.run.load import load_params  # pylint: disable=import-outside-toplevel
-  return load_params(args.checkpoint, args.step,
-                             log=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+  loaded = load_params(args.checkpoint, args.step, log=lambda line: print(f"{prog}: {line}", file=sys.stderr))
+  prefix = loaded.experiment.prefix
+  if prefix.enabled and prog != "glmjax generate":
+    # Only the KV-cache decoder puts the prefix in front of a row; a full forward (eval scoring,
+    # export) would write it over the row's first positions (glmjax.tuning.prefix).
+    raise BadInput(f"--checkpoint {args.checkpoint}: a P-Tuning v2 run (PrefixConfig.pre_seq_len="
+                   f"{prefix.pre_seq_len}); {prog} does not handle prefix runs yet, glmjax generate does")
+  return loaded

@@ -123,3 +123,22 @@ def test_greedy_decode_with_cache_equals_full_forward_with_prefix(preset):
   ours = generate(params, config, prompts, options).sequences()
   assert ours == _greedy_by_full_forward(params, config, prompts, 6)
   assert ours != generate(base, config, prompts, options).sequences()  # the prefix matters
+
+
+def test_cli_generate_decodes_a_ptuning_run_and_eval_export_refuse_it(runs, capsys, tmp_path):
+  """run.load gives generate the base + the checkpoint's prefix; eval and export, whose full
+  forwards would overwrite a row's first positions with the prefix, exit 2 in one line."""
+  from glmjax import cli
+  loaded = load_lib.load_params(runs["straight"])
+  assert loaded.step == STEPS and "prefix_k" in loaded.params["layers"]["attn"]
+  _, want = _restore(runs["straight"], STEPS)
+  np.testing.assert_array_equal(np.asarray(loaded.params["layers"]["attn"]["prefix_k"]),
+                                np.asarray(want["layers"]["attn"]["prefix_k"]))
+  assert cli.main(["generate", "--checkpoint", runs["straight"], "--prompt", "To be", "--strategy", "greedy",
+                   "--max_new_tokens", "4"]) == 0
+  capsys.readouterr()
+  for argv in (["eval", "--checkpoint", runs["straight"], "--tasks", "glmjax_corpus_en_causal_lm"],
+               ["export", "--checkpoint", runs["straight"], "--out", str(tmp_path / "hf")]):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "P-Tuning v2 run" in err[0], err
