@@ -41,9 +41,14 @@ def test_experiments_exist():
   assert {os.path.basename(f) for f in GIN_FILES if f.startswith("experiments/models/")} == set(MODEL_FILE_PRESET)
 
 
+# Experiments whose model comes from an imported run's model.gin (`glmjax train --gin_file
+# EXPERIMENT --gin_file RUN/model.gin`): parsed here with a model file of the same family.
+IMPORTED_MODEL = {"experiments/flan_smollm2.gin": "experiments/models/llama.gin"}
+
+
 @pytest.mark.parametrize("path", GIN_FILES)
 def test_every_gin_file_parses_and_binds(path):
-  experiment = parse([path])
+  experiment = parse([path] + ([IMPORTED_MODEL[path]] if path in IMPORTED_MODEL else []))
   assert experiment.data.sequence_length <= experiment.model.max_length or path.startswith("experiments/data/")
   resolve_axis_sizes(experiment.mesh, 8)
   assert "ModelConfig." in config_gin.operative_config() or path.startswith("experiments/data/")
