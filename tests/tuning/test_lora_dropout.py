@@ -55,6 +55,17 @@ def _adapted(params, lora, seed=0):
       adapted, is_leaf=lora_lib.is_lora)
 
 
+def _state_with_nonzero_b(program):
+  """program.init_state(0) with every adapter's B drawn non-zero (B = 0 would hide the masks)."""
+  state = program.init_state(0)
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(
+      lambda x: lora_lib.LoraWeight(x.base, x.a, 0.3 * rng.standard_normal(x.b.shape).astype(np.float32),
+                                    x.scale, x.in_ndim) if lora_lib.is_lora(x) else x,
+      state["params"], is_leaf=lora_lib.is_lora)
+  return {**state, "params": jax.device_put(params, program.param_shardings)}
+
+
 def _mask(key, name, layer, shape):
   """The documented mask, reproduced here from the key (lora.py module docstring)."""
   path = (jax.tree_util.DictKey("layers"), jax.tree_util.DictKey(GROUP[name]), jax.tree_util.DictKey(name))
@@ -159,12 +170,7 @@ def test_dpo_step_threads_the_state_rng(hooked):
                          global_batch_size=4, devices=jax.devices()[:1],
                          tuning=lora_lib.LoraTuning(CONFIG, lora))
   dpo = dpo_lib.DpoProgram(program, dpo_lib.DpoConfig(beta=0.5))
-  state = program.init_state(0)
-  rng_b = np.random.default_rng(0)
-  state = {**state, "params": jax.device_put(jax.tree.map(
-      lambda x: lora_lib.LoraWeight(x.base, x.a, 0.3 * rng_b.standard_normal(x.b.shape).astype(np.float32),
-                                    x.scale, x.in_ndim) if lora_lib.is_lora(x) else x,
-      state["params"], is_leaf=lora_lib.is_lora), program.param_shardings)}
+  state = _state_with_nonzero_b(program)
   rng, params = np.asarray(state["rng"]), jax.tree.map(np.asarray, state["params"])
   batch = pair_batch(2)
   expected = []
@@ -202,12 +208,7 @@ def test_lm_train_step_draws_masks_from_the_state_rng(microbatches):
   program = TrainProgram(CONFIG, OptimizerConfig(learning_rate=1e-12), MeshConfig(), num_steps=4,
                          global_batch_size=4, devices=jax.devices()[:1], tuning=tuning,
                          step_config=StepConfig(microbatches=microbatches))
-  state = program.init_state(0)
-  rng_b = np.random.default_rng(0)
-  state = {**state, "params": jax.device_put(jax.tree.map(
-      lambda x: lora_lib.LoraWeight(x.base, x.a, 0.3 * rng_b.standard_normal(x.b.shape).astype(np.float32),
-                                    x.scale, x.in_ndim) if lora_lib.is_lora(x) else x,
-      state["params"], is_leaf=lora_lib.is_lora), program.param_shardings)}
+  state = _state_with_nonzero_b(program)
   rng, params = jnp.asarray(np.asarray(state["rng"])), jax.tree.map(np.asarray, state["params"])
   tokens = np.random.default_rng(3).integers(1, CONFIG.vocab_size, (4, 9)).astype(np.int32)
   batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((4, 8), np.float32)}
