@@ -4,7 +4,8 @@
 
 `data` replicates params and splits the batch; `fsdp` splits the batch and
 shards params/optimizer state along `embed` (ZeRO-3 style); `stage` splits the stacked
-`layers` into pipeline stages (glmjax.trainer.pipeline); `context` splits the
+`layers` into pipeline stages (glmjax.trainer.pipeline; `pipeline_schedule` 'gpipe' or
+'circular' with `pipeline_repeats` layer chunks per stage); `context` splits the
 sequence (`length`; ring attention, glmjax.pallas.ring); `tensor` shards
 heads / mlp / vocab (Megatron style); `expert` shards MoE experts.
 
@@ -56,6 +57,10 @@ class MeshConfig:
   rules: tuple = DEFAULT_RULES
   dcn_data: int = -1  # slices the data axis spans (-1: all slices the fsdp axis leaves)
   dcn_fsdp: int = 1  # slices the fsdp axis spans
+  # With stage > 1: 'gpipe' (stage s holds one contiguous block of layers) or 'circular' (stage s
+  # holds pipeline_repeats chunks s, stage + s, ...; bubble (S-1)/(R M + S-1)); glmjax.trainer.pipeline.
+  pipeline_schedule: str = "gpipe"
+  pipeline_repeats: int = 1
 
   def axis_sizes(self) -> dict:
     return {name: getattr(self, name) for name in MESH_AXES}
@@ -83,6 +88,24 @@ def resolve_axis_sizes(config: MeshConfig, num_devices: int) -> dict:
     raise ValueError(f"MeshConfig ({described}): the axes multiply to {fixed} but there are "
                      f"{num_devices} devices; make the product {num_devices} or set one axis to -1")
   return sizes
+
+
+PIPELINE_SCHEDULES = ("gpipe", "circular")
+
+
+def pipeline_repeats(config: MeshConfig) -> int:
+  """Layer chunks per stage that MeshConfig.pipeline_schedule / pipeline_repeats ask for (1 for
+  GPipe); one-line ValueError naming the field when they do not make a schedule."""
+  schedule, repeats = config.pipeline_schedule, config.pipeline_repeats
+  if schedule not in PIPELINE_SCHEDULES:
+    raise ValueError(f"MeshConfig.pipeline_schedule={schedule!r} is not one of "
+                     f"{', '.join(map(repr, PIPELINE_SCHEDULES))}")
+  if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+    raise ValueError(f"MeshConfig.pipeline_repeats={repeats!r} must be a positive int (layer chunks per stage)")
+  if schedule == "gpipe" and repeats != 1:
+    raise ValueError(f"MeshConfig.pipeline_repeats={repeats} needs MeshConfig.pipeline_schedule='circular' "
+                     "(GPipe holds one contiguous chunk of layers per stage)")
+  return repeats
 
 
 def num_slices(devices: Sequence) -> int:
@@ -116,6 +139,7 @@ def make_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = None
   over several slices a hybrid mesh: within each slice ICI-aware, across slices the DCN axes."""
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_axis_sizes(config, len(devices))
+  pipeline_repeats(config)
   shape = tuple(sizes[name] for name in MESH_AXES)
   slices = num_slices(devices)
   if slices > 1:

@@ -1,17 +1,35 @@
-"""Pipeline parallelism over the `stage` mesh axis: GPipe (Huang et al. 2019).
+"""Pipeline parallelism over the `stage` mesh axis: GPipe and the circular (interleaved) schedule.
 
-The stacked `layers` axis of the params is split over `stage` (logical rule `layers` ->
-`stage`), so stage s holds layers [s N/S, (s + 1) N/S). The batch is cut into M microbatches
-(rows m, M + m, 2M + m, ..., as glmjax.trainer.step.split_microbatches). Embedding and head
-run outside the pipeline on all microbatches; the layers run under `shard_map` over `stage`
-only (the other mesh axes stay automatic, so it composes with data / fsdp / tensor): at clock
-t = 0 .. M + S - 2 stage s runs its layers on microbatch t - s (idle when that is outside
-[0, M): the bubble, (S - 1) / (M + S - 1) of the clock ticks) and passes the activation to
-stage s + 1 with `ppermute`. The last stage's outputs are summed over `stage` (every other
-stage contributes zeros). Gradients are autodiff of this program: all forwards, then all
-backwards in reverse (GPipe's schedule), with the model's per-layer remat inside each stage.
+GPipe (Huang et al. 2019): the stacked `layers` axis of the params is split over `stage`
+(logical rule `layers` -> `stage`), so stage s holds layers [s N/S, (s + 1) N/S). The batch is
+cut into M microbatches (rows m, M + m, 2M + m, ..., as glmjax.trainer.step.split_microbatches).
+Embedding and head run outside the pipeline on all microbatches; the layers run under
+`shard_map` over `stage` only (the other mesh axes stay automatic, so it composes with data /
+fsdp / tensor): at clock t = 0 .. M + S - 2 stage s runs its layers on microbatch t - s (idle
+when that is outside [0, M): the bubble, (S - 1) / (M + S - 1) of the clock ticks) and passes
+the activation to stage s + 1 with `ppermute`.
 
-`forward_with_aux(params, batch, config, microbatches=M)` has the meaning of
+Circular (MaxText's pipeline with `num_pipeline_repeats`; the layer assignment of the
+interleaved 1F1B schedule, Narayanan et al. 2021, sec. 2.2): the layers are cut into S R
+chunks of C = N / (S R) layers and stage s holds chunks s, S + s, 2S + s, ... (R of them).
+A microbatch loops around the ring R times; at tick t = 0 .. R M + S - 2 stage s works on item
+k = t - s (microbatch k mod M, repeat k div M, valid for 0 <= k < R M) with its chunk of
+repeat k div M, and passes the activation to stage (s + 1) mod S. The last stage's output of
+repeat r is stage 0's input of repeat r + 1, M - S + 1 ticks later (kept in a per-microbatch
+buffer; this needs M >= S). A tick is C layers instead of GPipe's N / S, so the bubble is
+(S - 1) / (R M + S - 1). GPipe is the case R = 1.
+
+Param layout: the checkpointed params keep the natural layer order (a checkpoint of a circular
+run loads anywhere). Inside the step `circular_layout` reorders the stacked `layers` axis
+([R, S, C] -> [S, R, C], a transpose XLA lowers to one exchange of the layer params over
+`stage`; its gradient is the inverse transpose), so the contiguous `stage` split hands stage s
+its R chunks.
+
+The last stage's outputs are summed over `stage` (every other stage contributes zeros).
+Gradients are autodiff of this program: all forwards, then all backwards in reverse, with the
+model's per-layer remat inside each chunk.
+
+`forward_with_aux(params, batch, config, microbatches=M, repeats=R)` has the meaning of
 glmjax.model.forward_with_aux: the same logits (up to float rounding). MoE auxiliary losses
 are the mean over microbatches (routing capacity per microbatch, as gradient accumulation).
 """
@@ -37,11 +55,20 @@ def stage_count() -> int:
   return int(mesh.shape[STAGE_AXIS])
 
 
-def check(config: ModelConfig, stages: int, microbatches: int, batch_size: int) -> None:
-  """One-line ValueErrors naming the field for a pipeline that cannot be scheduled."""
+def check_layers(config: ModelConfig, stages: int, repeats: int = 1) -> None:
+  """One-line ValueError naming the fields when the layers do not split into stages x repeats."""
   if config.num_layers % stages:
     raise ValueError(f"MeshConfig.stage={stages} must divide ModelConfig.num_layers="
                      f"{config.num_layers} (each stage holds num_layers / stage layers)")
+  if config.num_layers % (stages * repeats):
+    raise ValueError(f"MeshConfig.pipeline_repeats={repeats} must divide ModelConfig.num_layers / "
+                     f"MeshConfig.stage = {config.num_layers // stages} (each stage holds pipeline_repeats "
+                     "equal chunks of layers)")
+
+
+def check(config: ModelConfig, stages: int, microbatches: int, batch_size: int, repeats: int = 1) -> None:
+  """One-line ValueErrors naming the field for a pipeline that cannot be scheduled."""
+  check_layers(config, stages, repeats)
   if microbatches < stages:
     raise ValueError(f"microbatches={microbatches} is fewer than MeshConfig.stage={stages}: some "
                      "stage would never run; use at least as many microbatches as stages")
@@ -50,6 +77,31 @@ def check(config: ModelConfig, stages: int, microbatches: int, batch_size: int) 
   if stages > 1 and ring.context_size() > 1:
     raise ValueError(f"MeshConfig.context={ring.context_size()} with MeshConfig.stage={stages}: "
                      "context parallelism inside pipeline stages is not implemented; use one of them")
+
+
+def circular_layout(layer_params, stages: int, repeats: int):
+  """The stacked [N, ...] layer params reordered so that the contiguous `stage` split gives
+  stage s the chunks s, S + s, ..., (R - 1) S + s (in that order): [R, S, C] -> [S, R, C].
+  Identity for R = 1 (GPipe)."""
+  if repeats == 1:
+    return layer_params
+
+  def reorder(a):
+    n = a.shape[0]
+    chunks = a.reshape((repeats, stages, n // (stages * repeats)) + a.shape[1:])
+    return jnp.swapaxes(chunks, 0, 1).reshape(a.shape)
+  return jax.tree.map(reorder, layer_params)
+
+
+def circular_order(num_layers: int, stages: int, repeats: int) -> list[int]:
+  """The layer index at each position of `circular_layout` (a plain-Python reference)."""
+  chunk = num_layers // (stages * repeats)
+  return [(r * stages + s) * chunk + c for s in range(stages) for r in range(repeats) for c in range(chunk)]
+
+
+def bubble_fraction(stages: int, microbatches: int, repeats: int = 1) -> float:
+  """Idle share of the stage-ticks: (S - 1) / (R M + S - 1) (GPipe for R = 1)."""
+  return (stages - 1) / (repeats * microbatches + stages - 1)
 
 
 def split(x, microbatches: int):
@@ -64,35 +116,54 @@ def merge(x):
   return jnp.swapaxes(x, 0, 1).reshape((m * b,) + x.shape[2:])
 
 
-def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: int, microbatches: int):
-  """Per-stage program under shard_map: GPipe's clock loop over M + S - 1 ticks."""
+def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: int, microbatches: int,
+                repeats: int):
+  """Per-stage program under shard_map: the clock loop over R M + S - 1 ticks (module docstring).
+
+  `layer_params` is this stage's [R C, ...] block of the circular layout; at tick t the stage
+  works on item k = t - s: microbatch k mod M with its chunk k div M. Stage 0's item k = t is
+  static, so its input is a static choice: the embedding (repeat 0) or the loop buffer (the last
+  stage's output of the previous repeat)."""
   stage = jax.lax.axis_index(STAGE_AXIS)
-  forward_ring = [(i, i + 1) for i in range(stages - 1)]
+  chunks = jax.tree.map(lambda a: a.reshape((repeats, a.shape[0] // repeats) + a.shape[1:]), layer_params)
+  ring_pairs = [(i, (i + 1) % stages) for i in range(stages if repeats > 1 else stages - 1)]
+  work = repeats * microbatches  # items per stage
+  ticks = work + stages - 1
   state = jnp.zeros_like(x_all[0])
+  loop = jnp.zeros_like(x_all) if repeats > 1 else None  # stage 0's inputs of repeats >= 1
   outputs = jnp.zeros_like(x_all)
   aux_total = jnp.zeros((), jnp.float32)
-  for tick in range(microbatches + stages - 1):
-    index = tick - stage  # the microbatch this stage works on at this tick
-    valid = (index >= 0) & (index < microbatches)
-    safe = jnp.clip(index, 0, microbatches - 1)
-    inputs = jnp.where(stage == 0, x_all[min(tick, microbatches - 1)], state)
-    ctx = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, safe, keepdims=False), ctx_all)
-    y, aux = transformer.run_layers(layer_params, inputs, ctx, config)
+  for tick in range(ticks):
+    received = tick - stages  # the item whose last-stage output `state` holds on stage 0 now
+    if repeats > 1 and 0 <= received < work - microbatches:
+      loop = loop.at[received % microbatches].set(state)
+    first = min(tick, work - 1)  # stage 0's item (static)
+    first_input = x_all[first] if first < microbatches else loop[first % microbatches]
+    inputs = jnp.where(stage == 0, first_input, state)
+    item = tick - stage
+    valid = (item >= 0) & (item < work)
+    safe = jnp.clip(item, 0, work - 1)
+    ctx = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, safe % microbatches, keepdims=False),
+                       ctx_all)
+    chunk = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, safe // microbatches, keepdims=False),
+                         chunks)
+    y, aux = transformer.run_layers(chunk, inputs, ctx, config)
     aux_total = aux_total + jnp.where(valid, aux, 0.0)
-    done = tick - (stages - 1)  # the microbatch the last stage finishes at this tick
-    if done >= 0:
-      outputs = outputs.at[done].set(jnp.where(stage == stages - 1, y, 0.0).astype(outputs.dtype))
-    if tick + 1 < microbatches + stages - 1:
-      state = jax.lax.ppermute(y, STAGE_AXIS, forward_ring)
+    done = tick - (stages - 1)  # the last stage's item at this tick (static)
+    if done >= work - microbatches:  # its final repeat: a finished microbatch
+      outputs = outputs.at[done % microbatches].set(
+          jnp.where(stage == stages - 1, y, 0.0).astype(outputs.dtype))
+    if tick + 1 < ticks:
+      state = jax.lax.ppermute(y, STAGE_AXIS, ring_pairs)
   return jax.lax.psum(outputs, STAGE_AXIS), jax.lax.psum(aux_total, STAGE_AXIS)
 
 
-def _hidden_all(params: dict, batch: dict, config: ModelConfig, microbatches: int):
+def _hidden_all(params: dict, batch: dict, config: ModelConfig, microbatches: int, repeats: int):
   """The last layer's outputs [M, B / M, L, D] and the summed MoE aux of the pipeline."""
   stages = stage_count()
   transformer.validate_batch(batch, config)
   batch = transformer.default_fields(batch)
-  check(config, stages, microbatches, batch["tokens"].shape[0])
+  check(config, stages, microbatches, batch["tokens"].shape[0], repeats)
   parts = jax.tree.map(lambda x: split(x, microbatches), batch)
   ctx_all = jax.vmap(lambda b: transformer.position_context(b, config))(parts)
   x_all = split(transformer.embed(params, batch, config), microbatches)
@@ -102,27 +173,30 @@ def _hidden_all(params: dict, batch: dict, config: ModelConfig, microbatches: in
   else:
     mesh = jax.sharding.get_abstract_mesh()
     fn = lambda lp, x, c: _stage_body(lp, x, c, config=config, stages=stages,  # noqa: E731
-                                      microbatches=microbatches)
+                                      microbatches=microbatches, repeats=repeats)
     layer_specs = jax.tree.map(lambda _: P(STAGE_AXIS), params["layers"])
     h_all, aux = jax.shard_map(fn, mesh=mesh, in_specs=(layer_specs, P(), P()), out_specs=(P(), P()),
                                axis_names=frozenset({STAGE_AXIS}), check_vma=False)(
-                                   params["layers"], x_all, ctx_all)
+                                   circular_layout(params["layers"], stages, repeats), x_all, ctx_all)
   aux = aux / microbatches
   return h_all, {"moe_aux_loss": aux / config.num_layers if config.num_experts else aux}
 
 
-def forward_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbatches: int):
+def forward_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbatches: int,
+                     repeats: int = 1):
   """Logits [B, L, V] and {"moe_aux_loss"} as glmjax.model.forward_with_aux, the layers run as a
-  GPipe pipeline over the active mesh's `stage` axis (see the module docstring)."""
-  h_all, aux = _hidden_all(params, batch, config, microbatches)
+  pipeline over the active mesh's `stage` axis: GPipe (repeats 1) or circular with `repeats`
+  chunks per stage (see the module docstring)."""
+  h_all, aux = _hidden_all(params, batch, config, microbatches, repeats)
   logits = merge(jax.vmap(lambda h: transformer.logits_from_hidden(params, h, config))(h_all))
   return logits, aux
 
 
-def hidden_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbatches: int):
+def hidden_with_aux(params: dict, batch: dict, config: ModelConfig, *, microbatches: int,
+                    repeats: int = 1):
   """The last layer's outputs [B, L, D] and {"moe_aux_loss"} as
   glmjax.model.transformer.hidden_with_aux, through the pipeline (a chunked loss's input)."""
-  h_all, aux = _hidden_all(params, batch, config, microbatches)
+  h_all, aux = _hidden_all(params, batch, config, microbatches, repeats)
   return merge(h_all), aux
 
 

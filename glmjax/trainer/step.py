@@ -42,6 +42,7 @@ class StepConfig:
   """What the compiled step needs beyond model and optimizer."""
   microbatches: int = 1
   z_loss: float = 0.0
+  pipeline_repeats: int = 1  # with stage > 1: layer chunks per stage (TrainProgram: MeshConfig's)
 
 
 def new_state(params, opt_state, rng) -> dict:
@@ -126,9 +127,10 @@ def gradients(params, batch: dict, model_config: ModelConfig, step_config: StepC
     key = key if index is None else jax.random.fold_in(key, index)
     return tuning.train_forward(key, forward), tuning.train_forward(key, hidden)
 
-  if pipeline.stage_count() > 1:  # the microbatches flow through the `stage` axis (GPipe)
-    forward, hidden = forwards(functools.partial(pipeline.forward_with_aux, microbatches=m),
-                               functools.partial(pipeline.hidden_with_aux, microbatches=m))
+  if pipeline.stage_count() > 1:  # the microbatches flow through the `stage` axis (GPipe / circular)
+    schedule = {"microbatches": m, "repeats": step_config.pipeline_repeats}
+    forward, hidden = forwards(functools.partial(pipeline.forward_with_aux, **schedule),
+                               functools.partial(pipeline.hidden_with_aux, **schedule))
     return grad_fn(params, batch, model_config, total_weight, step_config.z_loss, 1.0, forward,
                    hidden)
   if m == 1:
@@ -197,9 +199,12 @@ class TrainProgram:
                tuning=None):
     self.model_config = model_config
     self.tuning = tuning  # glmjax.tuning.lora.LoraTuning: adapters on a frozen base, or None
-    self.step_config = step_config
     self.global_batch_size = global_batch_size
     self.mesh = shd.make_mesh(mesh_config, devices)
+    step_config = dataclasses.replace(step_config, pipeline_repeats=shd.mesh.pipeline_repeats(mesh_config))
+    if self.mesh.shape["stage"] > 1:  # before anything is built: the layers split into stages
+      pipeline.check_layers(model_config, self.mesh.shape["stage"], step_config.pipeline_repeats)
+    self.step_config = step_config
     self.rules = shd.normalise_rules(mesh_config.rules)
     self.optimizer, self.schedule = optim.make_optimizer(optimizer_config, num_steps)
     if tuning is not None:
