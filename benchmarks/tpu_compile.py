@@ -6,7 +6,8 @@
 
 Each row runs `glmjax compile` (libtpu, no TPU) in its own process and reads its --json report:
 per-device GiB (arguments / temporaries / peak), fits, compile seconds and the roofline MFU
-bound. Alongside, the analytic per-device state: (params + gradients + Adam's two moments) /
+bound (its HBM term the analytic traffic of `glmjax.aot.hbm_traffic`, shown per device per
+step). Alongside, the analytic per-device state: (params + gradients + Adam's two moments) /
 devices, all in the param dtype (float32), i.e. 16 bytes a parameter (decode: params + KV cache).
 It is not a strict floor: XLA may never hold all gradients at once (each layer's update can
 follow its gradient inside the backward scan). The training
@@ -48,6 +49,12 @@ OFFLOAD = ["ModelConfig.remat_policy = 'offload_layer_input'"]
 # Adam's two moments stored in bfloat16 (the update computed in float32).
 BF16_ADAM = ["OptimizerConfig.mu_dtype = 'bfloat16'", "OptimizerConfig.nu_dtype = 'bfloat16'"]
 
+# The default rules (glmjax.sharding.mesh.DEFAULT_RULES) with the params' embed axis over fsdp and
+# context: under context parallelism every device holds a 1 / (fsdp x context) shard of the state.
+CP_RULES = ("MeshConfig.rules = (('batch', ('data', 'fsdp')), ('length', 'context'), "
+            "('layers', 'stage'), ('embed', ('fsdp', 'context')), ('heads', 'tensor'), "
+            "('kv_heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'), ('experts', 'expert'))")
+
 
 def row(name, model, topology, batch, length, *, slices=1, step="train", context=0, extra=()):
   bindings = TRAIN + [f"DataConfig.batch_size = {batch}", f"DataConfig.sequence_length = {length}",
@@ -80,6 +87,22 @@ ROWS = [
         extra=OFFLOAD + BF16_ADAM),  # the control: dense logits, the other two options
     row("chatglm2-6b-32k-chunked-offload-bf16adam/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768,
         extra=CHUNKED + OFFLOAD + BF16_ADAM),
+    # glm-130b on the paper's v4 size: one 2048-token sequence per TensorCore under pure FSDP does
+    # not fit (each 1.8B-param layer gathered in bf16 and its float32 gradient unsharded); tensor
+    # parallelism 4 (the paper's TP degree) with the batch in 4 microbatches, and the 3D layout
+    # (fsdp x tensor x stage, GPipe over 2 stages of 35 layers; 70 layers admit no 4- or 8-stage split).
+    row("glm-130b-tp4-mb4/v4-384", "glm130b.gin", "v4:4x4x12", 384, 2048,
+        extra=["MeshConfig.tensor = 4", "TrainerConfig.microbatches = 4"]),
+    row("glm-130b-tp4-mb4-offload/v4-384", "glm130b.gin", "v4:4x4x12", 384, 2048,
+        extra=["MeshConfig.tensor = 4", "TrainerConfig.microbatches = 4"] + OFFLOAD),
+    row("glm-130b-3d-tp4-pp2/v4-384", "glm130b.gin", "v4:4x4x12", 384, 2048,
+        extra=["MeshConfig.tensor = 4", "MeshConfig.stage = 2", "TrainerConfig.microbatches = 8"]),
+    # Context parallelism (MeshConfig.context, ring attention over the sequence): ZeRO-3 over both
+    # the fsdp and the context axis (rule embed -> (fsdp, context)), so the params shard 16 / 8 ways.
+    row("chatglm2-6b-32k-cp4/v5e-16", "chatglm2.gin", "v5e:4x4", 4, 32768,
+        extra=["MeshConfig.fsdp = 4", "MeshConfig.context = 4", CP_RULES] + CHUNKED),
+    row("chatglm2-6b-128k-cp8/v5p-32", "chatglm2.gin", "v5p:2x2x4", 2, 131072,
+        extra=["MeshConfig.fsdp = 2", "MeshConfig.context = 8", CP_RULES] + CHUNKED),
     row("chatglm2-6b-decode/v5e-4", "chatglm2.gin", "v5e:2x2", 8, 1, step="decode", context=8192,
         extra=["MeshConfig.fsdp = 2", "MeshConfig.tensor = 2"]),  # 2 kv heads: tensor <= 2
 ]
@@ -133,11 +156,11 @@ def run_row(row_: dict, timeout: float) -> dict:
 
 def table(reports: list) -> str:
   lines = ["| preset / slice | topology | step: batch x length | args GiB | temps GiB | peak GiB "
-           "| HBM GiB | fits | analytic state GiB | compile s | MFU bound |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| HBM GiB | fits | analytic state GiB | compile s | HBM traffic GiB | MFU bound |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in reports:
     if "error" in r:
-      lines.append(f"| {r['name']} | | | | | | | error: {r['error']} | | | |")
+      lines.append(f"| {r['name']} | | | | | | | error: {r['error']} | | | | |")
       continue
     m = r["per_device_bytes"]
     lines.append(
@@ -145,6 +168,7 @@ def table(reports: list) -> str:
         f"| {m['arguments'] / GiB:.2f} | {m['temporaries'] / GiB:.2f} | {m['peak'] / GiB:.2f} "
         f"| {r['hbm_bytes_per_device'] / GiB:.2f} | {'yes' if r['fits'] else 'NO'} "
         f"| {r['state_lower_bound_bytes'] / GiB:.2f} | {r['compile_s']:.0f} "
+        f"| {r['hbm_traffic']['total'] / GiB:.1f} "
         f"| {r['roofline']['mfu_bound']:.0%} ({r['roofline']['bound_by']}) |")
   return "\n".join(lines)
 

@@ -17,10 +17,11 @@ layer), and a roofline bound.
 FLOPs are analytic (`glmjax.trainer.metrics.flops_per_token`): XLA's TPU
 `cost_analysis()` counts a scanned layer body once. The chip figures
 (`TPU_CHIPS`) are the public per-chip numbers; the roofline takes the step
-time as at least the largest of compute at bf16 peak, HBM traffic (a lower
-bound: every argument read, every output written, temporaries written and
-read once) and collective bytes over ICI / DCN (ring algorithms), so
-`mfu_bound` is an upper bound on model FLOPs utilisation.
+time as at least the largest of compute at bf16 peak, HBM traffic (analytic,
+`hbm_traffic`: the weights each pass reads, the update's reads and writes,
+the activations the remat policy saves, the logits) and collective bytes over
+ICI / DCN (ring algorithms), so `mfu_bound` is an upper bound on model FLOPs
+utilisation.
 """
 
 from __future__ import annotations
@@ -334,11 +335,12 @@ def per_device_bytes(memory) -> dict:
           "generated_code": code, "peak": arguments + outputs + temporaries - aliased + code}
 
 
-def roofline(flops_per_step: float, num_devices: int, chip: ChipSpec, memory: dict,
+def roofline(flops_per_step: float, num_devices: int, chip: ChipSpec, hbm_bytes: float,
              collectives: dict) -> dict:
-  """Lower bounds on the step time (seconds) and the MFU they allow."""
+  """Lower bounds on the step time (seconds) and the MFU they allow; `hbm_bytes` is one device's
+  HBM traffic per step (`hbm_traffic`'s total)."""
   compute = flops_per_step / (num_devices * chip.peak_flops)
-  hbm = (memory["arguments"] + memory["outputs"] + 2 * memory["temporaries"]) / chip.hbm_bandwidth
+  hbm = hbm_bytes / chip.hbm_bandwidth
   ici = sum(r["wire_bytes_ici"] for r in collectives.values()) / chip.ici_bandwidth
   dcn = sum(r["wire_bytes_dcn"] for r in collectives.values()) / chip.dcn_bandwidth
   times = {"compute_s": compute, "hbm_s": hbm, "ici_s": ici, "dcn_s": dcn}
@@ -346,6 +348,97 @@ def roofline(flops_per_step: float, num_devices: int, chip: ChipSpec, memory: di
   limiter = max(times, key=times.get)[:-2]
   return {**times, "step_s_lower_bound": bound, "bound_by": limiter,
           "mfu_bound": compute / bound if bound > 0 else 0.0}
+
+
+def itemsize(dtype_name: str) -> int:
+  """Bytes of one element of a dtype name ('bfloat16', 'float32', ...)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  return jnp.dtype(dtype_name).itemsize
+
+
+# jax.checkpoint_policies that keep every projection's output (the backward recomputes no matmul).
+KEEP_PROJECTIONS = ("none", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                    "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+
+
+def checkpoint_widths(config) -> dict:
+  """Elements one token holds per layer under each `checkpoint_name` tag of
+  glmjax.model.transformer (CHECKPOINT_NAMES): the block input, q / k / v, the attention output
+  before its projection, the two sublayers' outputs."""
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  d = config.d_model
+  return {"layer_input": d, "query_proj": q, "key_proj": kv, "value_proj": kv, "attention_out": q,
+          "attn_out_proj": d, "mlp_out": d}
+
+
+def saved_width(config, policy: str) -> int:
+  """Elements a token keeps per layer from the forward to the backward under remat `policy`
+  (already resolved, not "auto"): the layer input always (the scanned, checkpointed block's
+  input is its residual); a named policy adds its saved and offloaded tags (offloaded ones
+  still pass through HBM once each way); policies in KEEP_PROJECTIONS keep every tag and the
+  MLP's up projection (ffn_dim, twice for a gated MLP)."""
+  from glmjax.model import config as config_lib  # pylint: disable=import-outside-toplevel
+  widths = checkpoint_widths(config)
+  if policy in KEEP_PROJECTIONS:
+    gated = 2 if config.ffn_gated else 1
+    return sum(widths.values()) + gated * config.ffn_dim
+  named = config_lib.named_remat_policy(policy)
+  names = {"layer_input"} | (set(named[0]) | set(named[1]) if named else set())
+  return sum(widths[n] for n in names)
+
+
+def hbm_traffic(config, step: str, *, batch: int, length: int, num_devices: int,
+                model_shards: int = 1, stages: int = 1, microbatches: int = 1, param_count: int,
+                matmul_param_count: int,
+                param_bytes: int, state_bytes_per_device: float = 0.0, context: int = 0,
+                kv_cache_bytes: float = 0.0) -> dict:
+  """One device's HBM bytes per step, term by term: a lower bound on what the step moves (the
+  activations inside a layer, which XLA partly keeps in VMEM, are not counted).
+
+  With c = bytes of the compute dtype (ModelConfig.dtype), p = bytes of a param
+  (ModelConfig.param_dtype), N = parameters, M = matmul parameters (glmjax.trainer.metrics),
+  D devices, S = model_shards (mesh axes the weights stay split over in the matmuls: tensor x
+  stage; fsdp gathers them), T = batch x length / (D / S) tokens per device, layers per device
+  Lp = num_layers / stages, V vocab, m microbatches (each reads the weights again):
+
+    train:  weights     = m x passes x M x c / S    passes = 3: forward, remat forward, backward
+                                                    (2 for a policy in KEEP_PROJECTIONS)
+            update      = N / D x (2p + 2p) + 2 x state_bytes_per_device
+                          (params read + written, gradients written + read, optimizer state
+                          read + written)
+            activations = 2 x Lp x T x saved_width(policy) x c   (written forward, read backward)
+            logits      = h x T x V / tensor x 4   (float32; h = 4: written + read, their gradient
+                          written + read; 6 for the chunked loss, which recomputes them)
+    eval:   weights = M x c / S, logits = 2 x T x V / tensor x 4
+    decode: weights = M x c / S + N x p / D (the stored params read to cast),
+            kv_cache = kv_cache_bytes / D (the whole cache read once), logits batch x V x 4 / D
+
+  `state_bytes_per_device` is the optimizer state's bytes on one device (its shards).
+  """
+  c = itemsize(config.dtype)
+  tensor = max(1, model_shards // max(stages, 1))
+  from glmjax.model import config as config_lib  # pylint: disable=import-outside-toplevel
+  policy = config_lib.resolve_remat_policy(config.remat_policy, "tpu")
+  terms = {}
+  if step == "decode":
+    terms["weights"] = matmul_param_count * c / model_shards + param_count * param_bytes / num_devices
+    terms["kv_cache"] = kv_cache_bytes / num_devices
+    terms["logits"] = batch * config.vocab_size * 4 / num_devices
+  else:
+    tokens = batch * length / (num_devices / model_shards)
+    if step == "train":
+      passes = 2 if policy in KEEP_PROJECTIONS else 3
+      terms["weights"] = microbatches * passes * matmul_param_count * c / model_shards
+      terms["update"] = param_count / num_devices * 4 * param_bytes + 2 * state_bytes_per_device
+      terms["activations"] = (2 * config.num_layers / stages * tokens * saved_width(config, policy)
+                              * c)
+      head_passes = 6 if config.loss_impl == "chunked" else 4
+    else:
+      terms["weights"] = matmul_param_count * c / model_shards
+      head_passes = 2
+    terms["logits"] = head_passes * tokens * config.vocab_size / tensor * 4
+  terms["total"] = sum(terms.values())
+  return terms
 
 
 def step_flops(model_config, step: str, batch_size: int, sequence_length: int,
@@ -361,7 +454,8 @@ def step_flops(model_config, step: str, batch_size: int, sequence_length: int,
   return (2.0 * matmul_params(model_config) + attention) * batch_size
 
 
-def memory_report(compiled, devices: Sequence, flops: float, compile_s: float) -> dict:
+def memory_report(compiled, devices: Sequence, flops: float, compile_s: float,
+                  hbm_bytes: float) -> dict:
   """The report of one compiled executable; `devices` in the executable's logical-id order (the
   mesh's devices, flattened), so replica groups map onto slices."""
   chip = chip_spec(devices)
@@ -373,7 +467,7 @@ def memory_report(compiled, devices: Sequence, flops: float, compile_s: float) -
           "hbm_bytes_per_device": chip.hbm_bytes, "per_device_bytes": memory,
           "fits": memory["peak"] <= chip.hbm_bytes, "compile_s": round(compile_s, 2),
           "flops_per_step": flops, "collectives": collectives,
-          "roofline": roofline(flops, len(devices), chip, memory, collectives)}
+          "roofline": roofline(flops, len(devices), chip, hbm_bytes, collectives)}
 
 
 def train_program(experiment, devices: Sequence):
@@ -399,6 +493,7 @@ def compile_report(experiment, topology: str, *, num_slices: int = 1, step: str 
   if step not in STEPS:
     raise ValueError(f"--step {step!r} is not one of {', '.join(STEPS)}")
   devices = topology_devices(topology, num_slices, verbose=verbose)
+  state_bytes = 0.0
   if step == "decode":
     lowered, mesh, inputs = lower_decode(experiment, devices, context)
   else:
@@ -407,9 +502,12 @@ def compile_report(experiment, topology: str, *, num_slices: int = 1, step: str 
     state = program.abstract_state()
     inputs = (input_bytes(state if step == "train" else state["params"], step == "train")
               + input_bytes(program.abstract_batch(experiment.data.sequence_length), False))
+    state_bytes = sum(n for n, _ in input_bytes(state["opt_state"], True))
   mesh_devices = list(mesh.devices.flat)
   flops = step_flops(experiment.model, step, experiment.data.batch_size,
                      experiment.data.sequence_length, context or experiment.model.max_length)
+  traffic = experiment_hbm_traffic(experiment, step, dict(mesh.shape), len(mesh_devices),
+                                   state_bytes, context)
   start = time.perf_counter()
   try:
     with no_persistent_cache():
@@ -418,10 +516,37 @@ def compile_report(experiment, topology: str, *, num_slices: int = 1, step: str 
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
     report = out_of_memory_report(str(e), inputs, mesh_devices, flops,
-                                  time.perf_counter() - start)
+                                  time.perf_counter() - start, traffic["total"])
   else:
-    report = memory_report(compiled, mesh_devices, flops, time.perf_counter() - start)
-  return {"topology": topology, "step": step, "memory_options": memory_options(experiment), **report}
+    report = memory_report(compiled, mesh_devices, flops, time.perf_counter() - start,
+                           traffic["total"])
+  return {"topology": topology, "step": step, "memory_options": memory_options(experiment),
+          **report, "hbm_traffic": traffic}
+
+
+def experiment_hbm_traffic(experiment, step: str, mesh_shape: dict, num_devices: int,
+                           state_bytes_per_device: float, context: int = 0) -> dict:
+  """`hbm_traffic` of `experiment`'s step on a mesh of `mesh_shape` (axis -> size)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from glmjax.model import is_spec, param_specs  # pylint: disable=import-outside-toplevel
+  from glmjax.trainer.metrics import matmul_params  # pylint: disable=import-outside-toplevel
+  config = experiment.model
+  stages = int(mesh_shape.get("stage", 1))
+  shards = int(mesh_shape.get("tensor", 1)) * stages
+  count = sum(math.prod(s.shape) for s in jax.tree_util.tree_leaves(param_specs(config),
+                                                                     is_leaf=is_spec))
+  context = context or config.max_length
+  kv = (2 * config.num_layers * experiment.data.batch_size * context * config.num_kv_heads
+        * config.head_dim * itemsize(config.dtype))
+  return hbm_traffic(config, step, batch=experiment.data.batch_size,
+                     length=experiment.data.sequence_length, num_devices=num_devices,
+                     model_shards=shards, stages=stages,
+                     microbatches=experiment.trainer.microbatches if step == "train" else 1,
+                     param_count=count,
+                     matmul_param_count=matmul_params(config),
+                     param_bytes=itemsize(config.param_dtype),
+                     state_bytes_per_device=state_bytes_per_device, context=context,
+                     kv_cache_bytes=kv)
 
 
 def memory_options(experiment) -> dict:
@@ -454,7 +579,7 @@ def input_bytes(abstract, donated: bool) -> list:
 
 
 def out_of_memory_report(message: str, inputs: list, devices: Sequence, flops: float,
-                         compile_s: float) -> dict:
+                         compile_s: float, hbm_bytes: float) -> dict:
   """The report of a compile refused with RESOURCE_EXHAUSTED (no executable to analyse)."""
   chip = chip_spec(devices)
   arguments = sum(n for n, _ in inputs)
@@ -469,7 +594,7 @@ def out_of_memory_report(message: str, inputs: list, devices: Sequence, flops: f
           "num_slices": len(set(slices)), "hbm_bytes_per_device": chip.hbm_bytes,
           "per_device_bytes": memory, "fits": False, "compile_s": round(compile_s, 2),
           "flops_per_step": flops, "collectives": {},
-          "roofline": roofline(flops, len(devices), chip, memory, {}),
+          "roofline": roofline(flops, len(devices), chip, hbm_bytes, {}),
           "compiler_message": " ".join(message.split())[:500]}
 
 

@@ -126,6 +126,13 @@ def test_small_glm_on_v5e_2x2_fits_and_argument_bytes_match_param_specs(tmp_path
   roof = report["roofline"]
   assert roof["step_s_lower_bound"] >= roof["compute_s"] > 0
   assert 0 < roof["mfu_bound"] <= 1
+  # The HBM term is the analytic traffic (aot.hbm_traffic) at v5e's 819 GB/s; the demo keeps every
+  # projection (dots_with_no_batch_dims_saveable): weights read twice, float32, split by tensor 2.
+  traffic = report["hbm_traffic"]
+  assert math.isclose(roof["hbm_s"], traffic["total"] / 819e9, rel_tol=1e-12)
+  assert cfg.remat_policy == "dots_with_no_batch_dims_saveable" and cfg.dtype == "float32"
+  assert math.isclose(traffic["weights"], 2 * n * 4 / 2, rel_tol=1e-12)
+  assert math.isclose(traffic["logits"], 4 * (tokens / 2) * cfg.vocab_size / 2 * 4, rel_tol=1e-12)
 
 
 def test_too_large_for_the_slice_reports_fits_false_and_exits_3(tmp_path, capfd):
