@@ -184,6 +184,7 @@ def profile_breakdown(step, hlo: str) -> dict:
     jax.profiler.stop_trace()
     data = jax.profiler.ProfileData.from_file(glob.glob(trace_dir + "/**/*.xplane.pb", recursive=True)[0])
   seconds = collections.Counter()
+  per_op = collections.Counter()
   for plane in data.planes:
     for line in plane.lines:
       if line.name == "python":
@@ -192,9 +193,22 @@ def profile_breakdown(step, hlo: str) -> dict:
         if event.name.startswith(("Thunk", "Slinky", "end:", "ThreadpoolListener")):
           continue
         seconds[_category(event.name, hlo)] += event.duration_ns / 1e9
+        per_op[event.name] += event.duration_ns / 1e9
   total = sum(seconds.values())
+  top = [dict(op=name, seconds=t, share=t / total, hlo=_hlo_line(name, hlo))
+         for name, t in per_op.most_common(TOP_OPS)]
   return {"wall_s": wall, "op_seconds": total,
-          "share": {c: seconds[c] / total for c in PROFILE_CATEGORIES}}
+          "share": {c: seconds[c] / total for c in PROFILE_CATEGORIES}, "top_ops": top}
+
+
+TOP_OPS = 30
+
+
+def _hlo_line(name: str, hlo: str) -> str:
+  """The HLO instruction defining `name` (its shape and operands), shortened."""
+  import re
+  match = re.search(r"\n\s*(?:ROOT )?%" + re.escape(name) + r" = ([^\n]*)", hlo)
+  return match.group(1)[:160] if match else ""
 
 
 def plain_jax_model():
@@ -563,6 +577,9 @@ def main() -> None:
     print("\nglmjax step, share of XLA op time (one traced step):")
     for category in PROFILE_CATEGORIES:
       print(f"| {category} | {100 * statistics.median(p['share'][category] for p in profiles):.0f}% |")
+    print(f"\nglmjax step, the {TOP_OPS} longest XLA ops (first traced step):")
+    for op in profiles[0]["top_ops"]:
+      print(f"| {100 * op['share']:.1f}% | {op['seconds'] * 1e3:.0f} ms | {op['op']} | {op['hlo'][:110]} |")
   print(f"total wall {time.perf_counter() - t_start:.0f} s")
   result_line(dict(flops_per_token=fpt, tokens_per_step=TOKENS, peak_jax_gflops=peak_jax,
                    peak_torch_gflops=peak_torch, rows=rows, runs=results, loadavg_start=load_start,

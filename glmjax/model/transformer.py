@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from glmjax import pallas
+from glmjax.pallas import dense
 from glmjax.pallas import ring
 from glmjax.model import batch as batch_lib
 from glmjax.model import layers
@@ -35,11 +36,17 @@ class PositionContext:
   rope_angles: Optional[jax.Array] = None  # [B, L, R] (rope) or None
   rope_block_angles: Optional[jax.Array] = None  # [B, L, R] (rope_2d second stream)
   alibi_slopes: Optional[jax.Array] = None  # [H]
+  # Scalar bool: some query may attend a key of a later query block of the dense attention's
+  # causal block skipping (glmjax.pallas.dense.reaches_a_later_block), tested once per batch here
+  # rather than in every layer. None: the batch had no `bidirectional` field, so no query can
+  # (the blocked form runs with no run-time test at all).
+  reaches_later_block: Optional[jax.Array] = None
 
 
 jax.tree_util.register_dataclass(
     PositionContext,
-    data_fields=["segment_ids", "bidirectional", "rope_angles", "rope_block_angles", "alibi_slopes"],
+    data_fields=["segment_ids", "bidirectional", "rope_angles", "rope_block_angles", "alibi_slopes",
+                 "reaches_later_block"],
     meta_fields=[])
 
 
@@ -71,7 +78,10 @@ def default_fields(batch: dict) -> dict:
   return batch_lib.with_defaults(batch, jnp)
 
 
-def position_context(batch: dict, config: ModelConfig) -> PositionContext:
+def position_context(batch: dict, config: ModelConfig, bidirectional_given: bool = True) -> PositionContext:
+  """The per-batch tensors of `batch` (its optional fields filled). `bidirectional_given=False`
+  says the caller's batch had no `bidirectional` field (all zeros by default), so dense
+  attention's block skipping needs no run-time test."""
   rope = block = slopes = None
   if config.position == "rope":
     rope = rope_scaling.rope_angles(batch["positions"], config)
@@ -80,8 +90,14 @@ def position_context(batch: dict, config: ModelConfig) -> PositionContext:
     block = rope_scaling.rope_angles(batch["block_positions"], config)
   elif config.position == "alibi":
     slopes = layers.alibi_slopes(config.num_heads)
+  later = None
+  if bidirectional_given:
+    length = batch["segment_ids"].shape[-1]
+    later = dense.reaches_a_later_block(batch["segment_ids"], batch["bidirectional"],
+                                        dense.causal_blocks(length))
   return PositionContext(segment_ids=batch["segment_ids"], bidirectional=batch["bidirectional"],
-                         rope_angles=rope, rope_block_angles=block, alibi_slopes=slopes)
+                         rope_angles=rope, rope_block_angles=block, alibi_slopes=slopes,
+                         reaches_later_block=later)
 
 
 # --- Embedding --------------------------------------------------------------------------------
@@ -149,8 +165,12 @@ def attention_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig
   q, k = encode_positions(q, k, ctx, config)
   if "prefix_k" in p:  # P-Tuning v2 (glmjax.tuning.prefix): trained keys / values at the first positions
     k, v = layers.with_prefix(k, p["prefix_k"]), layers.with_prefix(v, p["prefix_v"])
+  later = False if ctx.reaches_later_block is None else ctx.reaches_later_block
+  if k.shape[1] != ctx.segment_ids.shape[-1]:
+    later = None  # keys other than the batch's own: dense attention tests them itself
   o = pallas.attention(q, k, v, segment_ids=ctx.segment_ids, bidirectional=ctx.bidirectional,
-                       alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl)
+                       alibi_slopes=ctx.alibi_slopes, impl=config.attention_impl,
+                       reaches_later_block=later)
   return checkpoint_name(project_out(p, checkpoint_name(o, "attention_out"), config), "attn_out_proj")
 
 
@@ -302,12 +322,13 @@ def hidden_with_aux(params: dict, batch: dict, config: ModelConfig) -> tuple[jax
   """The last layer's output [B, L, D] (compute dtype, before the final norm) and the auxiliary
   outputs: `forward_with_aux` without the head, for a loss that never holds [B, L, V] logits."""
   validate_batch(batch, config)
+  bidirectional_given = "bidirectional" in batch
   batch = default_fields(batch)
   context = ring.context_size()  # > 1: the sequence is split over devices, in zig-zag order
   if context > 1:
     ring.check_length(batch["tokens"].shape[1], context)
     batch = {key: ring.to_zigzag(value, context) for key, value in batch.items()}
-  ctx = position_context(batch, config)
+  ctx = position_context(batch, config, bidirectional_given)
   x = constrain(embed(params, batch, config), ACT_AXES)
   x, moe_aux = run_layers(params["layers"], x, ctx, config)
   x = constrain(ring.from_zigzag(x, context), ACT_AXES)

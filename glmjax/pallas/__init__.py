@@ -33,13 +33,15 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
   return impl
 
 
-def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="auto", **kernel_options):
+def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="auto", reaches_later_block=None,
+              **kernel_options):
   """Masked attention under the packing + GLM rule; see glmjax.pallas.reference.
 
   `kernel_options` go to glmjax.pallas.flash.flash_attention for impl="pallas"
   (block_q, block_k, backend, interpret, scale); only `scale` changes the result.
   impl="auto" is decided per lowering platform, so exporting for TPU or GPU
-  from a CPU host gets the kernel.
+  from a CPU host gets the kernel. `reaches_later_block` goes to the dense implementation
+  (glmjax.pallas.dense.dense_attention: its block-skipping test, precomputed).
   """
   def run(impl, q, k, v, segment_ids, bidirectional, alibi_slopes):
     if impl == "xla":
@@ -47,7 +49,8 @@ def attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, impl="a
                                  alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"))
     if impl == "dense":
       return dense_attention(q, k, v, segment_ids=segment_ids, bidirectional=bidirectional,
-                             alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"))
+                             alibi_slopes=alibi_slopes, scale=kernel_options.get("scale"),
+                             reaches_later_block=reaches_later_block)
     from glmjax.pallas import flash  # pylint: disable=import-outside-toplevel
     from glmjax.pallas.partitioning import shard_kernel  # pylint: disable=import-outside-toplevel
 

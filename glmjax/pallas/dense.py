@@ -163,7 +163,8 @@ def reaches_a_later_block(segment_ids, bidirectional, blocks: int):
   return jnp.any(attention_mask(segment_ids, bidirectional) & later[None])
 
 
-def dense_attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, scale=None, blocks=None):
+def dense_attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, scale=None, blocks=None,
+                    reaches_later_block=None):
   """q [b, L, heads, d], k/v [b, L, kv_heads, d] -> [b, L, heads, d] in q.dtype.
 
   Same contract and result as `glmjax.pallas.attention_reference` (rows with no
@@ -171,6 +172,11 @@ def dense_attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, s
   keys after each block when the batch lets them (`reaches_a_later_block`, decided at run
   time by `lax.cond`, so GLM batches whose bidirectional prefixes cross a block boundary get
   the full form and the same numbers).
+
+  `reaches_later_block`: that test's result for these `blocks`, when the caller has it (the
+  model computes it once per batch, not per layer: glmjax.model.transformer.PositionContext);
+  a Python False (no bidirectional tokens by construction) runs the blocked form with no
+  `lax.cond`. None: tested here.
   """
   b, length, heads, head_dim = q.shape
   kv_heads = k.shape[2]
@@ -203,4 +209,8 @@ def dense_attention(q, k, v, *, segment_ids, bidirectional, alibi_slopes=None, s
       outs.append(_tokens_major(o, groups, size))
     return jnp.concatenate(outs, axis=1)
 
-  return jax.lax.cond(reaches_a_later_block(seg, bidi, blocks), full, blocked)
+  if reaches_later_block is None:
+    reaches_later_block = reaches_a_later_block(seg, bidi, blocks)
+  if reaches_later_block is False:
+    return blocked()
+  return jax.lax.cond(reaches_later_block, full, blocked)
