@@ -118,43 +118,50 @@ def merge(x):
 
 def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: int, microbatches: int,
                 repeats: int):
-  """Per-stage program under shard_map: the clock loop over R M + S - 1 ticks (module docstring).
+  """Per-stage program under shard_map: the clock loop over R M + S - 1 ticks (module docstring),
+  a `lax.scan` over the ticks (compile time flat in M and R).
 
   `layer_params` is this stage's [R C, ...] block of the circular layout; at tick t the stage
-  works on item k = t - s: microbatch k mod M with its chunk k div M. Stage 0's item k = t is
-  static, so its input is a static choice: the embedding (repeat 0) or the loop buffer (the last
-  stage's output of the previous repeat)."""
+  works on item k = t - s: microbatch k mod M with its chunk k div M. Stage 0's input is the
+  embedding (repeat 0) or the loop buffer: the last stage's output of the previous repeat,
+  which arrives S ticks after that stage started it and waits there M - S ticks."""
   stage = jax.lax.axis_index(STAGE_AXIS)
   chunks = jax.tree.map(lambda a: a.reshape((repeats, a.shape[0] // repeats) + a.shape[1:]), layer_params)
   ring_pairs = [(i, (i + 1) % stages) for i in range(stages if repeats > 1 else stages - 1)]
   work = repeats * microbatches  # items per stage
-  ticks = work + stages - 1
-  state = jnp.zeros_like(x_all[0])
-  loop = jnp.zeros_like(x_all) if repeats > 1 else None  # stage 0's inputs of repeats >= 1
-  outputs = jnp.zeros_like(x_all)
-  aux_total = jnp.zeros((), jnp.float32)
-  for tick in range(ticks):
-    received = tick - stages  # the item whose last-stage output `state` holds on stage 0 now
-    if repeats > 1 and 0 <= received < work - microbatches:
-      loop = loop.at[received % microbatches].set(state)
-    first = min(tick, work - 1)  # stage 0's item (static)
-    first_input = x_all[first] if first < microbatches else loop[first % microbatches]
+  at = lambda a, i: jax.lax.dynamic_index_in_dim(a, i, keepdims=False)  # noqa: E731
+
+  def put(buffer, slot, value, keep):
+    """buffer with buffer[slot] = value where `keep`, else unchanged."""
+    return jax.lax.dynamic_update_index_in_dim(buffer, jnp.where(keep, value, at(buffer, slot)), slot, 0)
+
+  def tick(carry, t):
+    state, loop, outputs, aux_total = carry
+    if repeats > 1:
+      received = t - stages  # the item whose last-stage output `state` holds on stage 0 now
+      loop = put(loop, jnp.clip(received, 0, work - 1) % microbatches, state,
+                 (received >= 0) & (received < work - microbatches))
+      first = jnp.minimum(t, work - 1)  # stage 0's item
+      first_input = jnp.where(first < microbatches, at(x_all, first % microbatches),
+                              at(loop, first % microbatches))
+    else:
+      first_input = at(x_all, jnp.minimum(t, microbatches - 1))
     inputs = jnp.where(stage == 0, first_input, state)
-    item = tick - stage
+    item = t - stage
     valid = (item >= 0) & (item < work)
     safe = jnp.clip(item, 0, work - 1)
-    ctx = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, safe % microbatches, keepdims=False),
-                       ctx_all)
-    chunk = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, safe // microbatches, keepdims=False),
-                         chunks)
-    y, aux = transformer.run_layers(chunk, inputs, ctx, config)
+    ctx = jax.tree.map(lambda a: at(a, safe % microbatches), ctx_all)
+    y, aux = transformer.run_layers(jax.tree.map(lambda a: at(a, safe // microbatches), chunks), inputs,
+                                    ctx, config)
     aux_total = aux_total + jnp.where(valid, aux, 0.0)
-    done = tick - (stages - 1)  # the last stage's item at this tick (static)
-    if done >= work - microbatches:  # its final repeat: a finished microbatch
-      outputs = outputs.at[done % microbatches].set(
-          jnp.where(stage == stages - 1, y, 0.0).astype(outputs.dtype))
-    if tick + 1 < ticks:
-      state = jax.lax.ppermute(y, STAGE_AXIS, ring_pairs)
+    done = t - (stages - 1)  # the last stage's item at this tick; its final repeat finishes a microbatch
+    outputs = put(outputs, jnp.clip(done, 0, work - 1) % microbatches, y.astype(outputs.dtype),
+                  (stage == stages - 1) & (done >= work - microbatches))
+    return (jax.lax.ppermute(y, STAGE_AXIS, ring_pairs), loop, outputs, aux_total), None
+
+  zeros = jnp.zeros_like(x_all)
+  carry = (jnp.zeros_like(x_all[0]), zeros if repeats > 1 else None, zeros, jnp.zeros((), jnp.float32))
+  (_, _, outputs, aux_total), _ = jax.lax.scan(tick, carry, jnp.arange(work + stages - 1))
   return jax.lax.psum(outputs, STAGE_AXIS), jax.lax.psum(aux_total, STAGE_AXIS)
 
 

@@ -1,6 +1,8 @@
-"""GPipe over the `stage` mesh axis: stage = 2 / 4 with 4 - 8 microbatches gives the unpipelined
-logits and gradients (1e-5, float32), also with fsdp = 2 (params sharded along embed inside
-each stage); bad schedules are one-line errors naming the field."""
+"""GPipe and the circular schedule over the `stage` mesh axis: stage = 2 / 4 with 4 - 8
+microbatches (circular: 2 repeats) gives the unpipelined logits and gradients (1e-5, float32),
+also with fsdp = 2 (params sharded along embed inside each stage); the circular schedule's
+layer order and bubble against plain-Python references; bad schedules are one-line errors
+naming the field."""
 
 import dataclasses
 
@@ -15,6 +17,7 @@ from glmjax.trainer import pipeline
 
 CONFIG = ModelConfig(vocab_size=61, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8,
                      ffn_dim=48, max_length=16, position="rope_2d", attention_impl="xla")
+CONFIG8 = dataclasses.replace(CONFIG, num_layers=8)
 BATCH = 8
 
 
@@ -38,41 +41,106 @@ def nll(logits, batch):
   return jnp.sum(token * batch["loss_mask"]) / jnp.sum(batch["loss_mask"])
 
 
-@pytest.fixture(scope="module")
-def reference():
-  params = init_params(CONFIG, jax.random.key(0))
+def unpipelined(config):
+  params = init_params(config, jax.random.key(0))
   batch = glm_batch()
-  run = jax.jit(lambda p, b: (forward(p, b, CONFIG), jax.grad(lambda p: nll(forward(p, b, CONFIG), b))(p)))
+  run = jax.jit(lambda p, b: (forward(p, b, config), jax.grad(lambda p: nll(forward(p, b, config), b))(p)))
   return params, batch, jax.device_get(run(params, batch))
 
 
-@pytest.mark.parametrize("stage, fsdp, microbatches", [(2, 1, 4), (4, 1, 8), (4, 2, 4)])
-def test_gpipe_equals_the_unpipelined_model(reference, stage, fsdp, microbatches):
+@pytest.fixture(scope="module")
+def reference():
+  return unpipelined(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def reference8():
+  return unpipelined(CONFIG8)
+
+
+def assert_pipeline_equals(reference, config, mesh, microbatches, repeats=1):
+  """Logits and gradients of the pipelined forward on `mesh` vs the unpipelined reference."""
   params, batch, (want_logits, want_grads) = reference
-  mesh = make_mesh(MeshConfig(data=8 // (stage * fsdp), fsdp=fsdp, stage=stage))
-  placed = jax.device_put(params, param_shardings(CONFIG, mesh, DEFAULT_RULES))
-  if fsdp > 1:
-    assert tuple(placed["layers"]["attn"]["wq"].sharding.spec)[:2] == ("stage", "fsdp")
+  placed = jax.device_put(params, param_shardings(config, mesh, DEFAULT_RULES))
 
   def run(p, b):
-    logits = pipeline.forward_with_aux(p, b, CONFIG, microbatches=microbatches)[0]
-    grads = jax.grad(lambda p: nll(pipeline.forward_with_aux(p, b, CONFIG, microbatches=microbatches)[0], b))(p)
-    return logits, grads
+    pipelined = lambda p: pipeline.forward_with_aux(p, b, config, microbatches=microbatches,  # noqa: E731
+                                                    repeats=repeats)[0]
+    return pipelined(p), jax.grad(lambda p: nll(pipelined(p), b))(p)
 
   with activation_sharding(mesh, DEFAULT_RULES):
-    assert pipeline.stage_count() == stage
+    assert pipeline.stage_count() == mesh.shape["stage"]
     got_logits, got_grads = jax.device_get(jax.jit(run)(placed, batch))
   np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
   for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(got_grads)[0], jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("stage, fsdp, microbatches", [(2, 1, 4), (4, 1, 8), (4, 2, 4)])
+def test_gpipe_equals_the_unpipelined_model(reference, stage, fsdp, microbatches):
+  mesh = make_mesh(MeshConfig(data=8 // (stage * fsdp), fsdp=fsdp, stage=stage))
+  if fsdp > 1:
+    placed = jax.device_put(reference[0], param_shardings(CONFIG, mesh, DEFAULT_RULES))
+    assert tuple(placed["layers"]["attn"]["wq"].sharding.spec)[:2] == ("stage", "fsdp")
+  assert_pipeline_equals(reference, CONFIG, mesh, microbatches)
+
+
+# (stage, fsdp, microbatches, config): chunks of 1 layer (4 layers) and of 1 / 2 layers (8
+# layers); M > S (the loop buffer holds a microbatch for M - S ticks) and M = S with fsdp.
+@pytest.mark.parametrize("stage, fsdp, microbatches, eight_layers", [(2, 1, 4, False), (4, 1, 8, True),
+                                                                     (4, 2, 4, True)])
+def test_circular_equals_the_unpipelined_model(reference, reference8, stage, fsdp, microbatches, eight_layers):
+  mesh = make_mesh(MeshConfig(data=8 // (stage * fsdp), fsdp=fsdp, stage=stage, pipeline_schedule="circular",
+                              pipeline_repeats=2))
+  assert_pipeline_equals(reference8 if eight_layers else reference, CONFIG8 if eight_layers else CONFIG, mesh,
+                         microbatches, repeats=2)
+
+
+def test_circular_layout_gives_each_stage_its_chunks():
+  """Stage s's contiguous block of the reordered layers is chunks s, S + s, ... (Narayanan et al.
+  2021's interleaved assignment), against the index formula."""
+  for layers, stages, repeats in ((8, 2, 2), (8, 4, 2), (12, 2, 3), (4, 2, 1)):
+    order = pipeline.circular_order(layers, stages, repeats)
+    got = np.asarray(pipeline.circular_layout({"w": jnp.arange(layers)}, stages, repeats)["w"])
+    np.testing.assert_array_equal(got, order)
+    chunk = layers // (stages * repeats)
+    for s, block in enumerate(got.reshape(stages, -1)):
+      want = [layer for r in range(repeats) for layer in range((r * stages + s) * chunk, (r * stages + s + 1) * chunk)]
+      assert block.tolist() == want
+
+
+def simulate_circular(stages, microbatches, repeats):
+  """The circular schedule tick by tick in plain Python: stage s at tick t runs item t - s
+  (microbatch k mod M, virtual stage (k div M) S + s); checks every virtual stage's input was
+  produced at an earlier tick; returns the idle share of the stage-ticks."""
+  done = {}  # (microbatch, virtual stage) -> tick it finished
+  ticks = repeats * microbatches + stages - 1
+  idle = 0
+  for t in range(ticks):
+    for s in range(stages):
+      k = t - s
+      if not 0 <= k < repeats * microbatches:
+        idle += 1
+        continue
+      m, virtual = k % microbatches, (k // microbatches) * stages + s
+      assert virtual == 0 or done[(m, virtual - 1)] < t
+      done[(m, virtual)] = t
+  assert len(done) == microbatches * stages * repeats  # every microbatch through every chunk
+  return idle / (stages * ticks)
 def test_bubble_fraction_of_the_schedule():
   """GPipe's idle fraction (S - 1) / (M + S - 1): the ticks a stage has no microbatch."""
   for stages, microbatches in ((2, 4), (4, 8), (4, 4)):
     ticks = microbatches + stages - 1
     idle = sum(1 for s in range(stages) for t in range(ticks) if not 0 <= t - s < microbatches)
     assert idle / (stages * ticks) == pytest.approx((stages - 1) / (microbatches + stages - 1))
+    assert pipeline.bubble_fraction(stages, microbatches) == pytest.approx(idle / (stages * ticks))
+  for stages, microbatches, repeats in ((2, 4, 2), (4, 8, 2), (4, 4, 2), (4, 4, 4)):
+    assert simulate_circular(stages, microbatches, repeats) == pytest.approx(
+        (stages - 1) / (repeats * microbatches + stages - 1))
+    assert pipeline.bubble_fraction(stages, microbatches, repeats) == pytest.approx(
+        simulate_circular(stages, microbatches, repeats))
+  with pytest.raises(KeyError):  # fewer microbatches than stages: repeat 1 would wait on repeat 0
+    simulate_circular(4, 2, 2)
 
 
 @pytest.mark.parametrize("stage, microbatches, config, message", [
@@ -118,3 +186,18 @@ def test_stages_with_context_parallelism_is_refused_in_one_line():
   with activation_sharding(mesh, DEFAULT_RULES), pytest.raises(ValueError) as err:
     jax.jit(lambda p, b: pipeline.forward_with_aux(p, b, CONFIG, microbatches=2)).lower(params, glm_batch())
   assert str(err.value).startswith("MeshConfig.context=2 with MeshConfig.stage=2") and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"pipeline_schedule": "1f1b"}, "MeshConfig.pipeline_schedule='1f1b' is not one of 'gpipe', 'circular'"),
+    ({"pipeline_repeats": 2}, "MeshConfig.pipeline_repeats=2 needs MeshConfig.pipeline_schedule='circular'"),
+    ({"pipeline_schedule": "circular", "pipeline_repeats": 0}, "MeshConfig.pipeline_repeats=0 must be a positive int"),
+    ({"pipeline_schedule": "circular", "pipeline_repeats": 4},
+     "MeshConfig.pipeline_repeats=4 must divide ModelConfig.num_layers / MeshConfig.stage = 2"),
+])
+def test_bad_pipeline_fields_are_one_line_before_anything_is_built(fields, message):
+  """TrainProgram refuses them in its constructor (before params or a compile)."""
+  from glmjax.trainer import OptimizerConfig, TrainProgram  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError) as err:
+    TrainProgram(CONFIG, OptimizerConfig(), MeshConfig(data=4, stage=2, **fields), num_steps=1, global_batch_size=BATCH)
+  assert str(err.value).startswith(message) and "\n" not in str(err.value)
