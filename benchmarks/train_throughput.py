@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -112,7 +113,7 @@ def random_tokens(i: int):
 
 
 def child_glmjax(args) -> None:
-  sys.path.insert(0, REPO)
+  sys.path.insert(0, args.code or REPO)  # --code: another checkout's glmjax (@rev=), this harness
   import jax
   import numpy as np
 
@@ -300,9 +301,9 @@ def serve(step, warmup: int, info: dict) -> None:
   for line in sys.stdin:
     if line.strip() != "step":
       break
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = step(i)
-    print(f"STEP {time.perf_counter() - t0:.6f} {loss:.6f}", flush=True)
+    print(f"STEP {time.perf_counter() - t0:.6f} {loss:.6f} {time.process_time() - c0:.6f}", flush=True)
     i += 1
   result_line(dict(info, peak_rss_mib=peak_rss_mib(), steps=i))
 
@@ -401,10 +402,15 @@ def checkout_of(rev: str) -> str:
 def _child_command(name: str, args) -> tuple[list, dict]:
   impl, overrides, isa = _parse_paired(name)
   script = os.path.abspath(__file__)
-  if isa.startswith("rev="):  # the same benchmark from another commit's checkout
-    script = os.path.join(checkout_of(isa[len("rev="):]), "benchmarks", "train_throughput.py")
+  code = []
+  if isa.startswith("rev="):  # another commit's glmjax (or its whole script for the other impls)
+    checkout = checkout_of(isa[len("rev="):])
+    if impl == "glmjax":
+      code = ["--code", checkout]  # this harness (its timing, CPU time) on that commit's model code
+    else:
+      script = os.path.join(checkout, "benchmarks", "train_throughput.py")
     isa = ""
-  me = [sys.executable, script, "--warmup", str(args.warmup), "--serve", "--child", impl]
+  me = [sys.executable, script, "--warmup", str(args.warmup), "--serve", "--child", impl] + code
   if impl == "glmjax":
     me += ["--remat", overrides.get("remat", args.remat), "--attention", overrides.get("attention", args.attention)]
   env = dict(os.environ)
@@ -438,11 +444,12 @@ class _Server:
   def ready(self) -> None:
     self._read_until("READY")
 
-  def step(self) -> tuple[float, float]:
+  def step(self) -> tuple[float, float, float]:
+    """(wall seconds, loss, CPU seconds of the child; NaN from an older checkout's child)."""
     self.proc.stdin.write("step\n")
     self.proc.stdin.flush()
-    _, seconds, loss = self._read_until("STEP ").split()
-    return float(seconds), float(loss)
+    _, seconds, loss, *cpu = self._read_until("STEP ").split()
+    return float(seconds), float(loss), float(cpu[0]) if cpu else float("nan")
 
   def close(self) -> dict:
     self.proc.stdin.write("quit\n")
@@ -463,14 +470,19 @@ def paired(args) -> None:
     print(f"both warm after {time.perf_counter() - t_start:.0f} s; {args.pairs} pairs "
           f"(load {os.getloadavg()[0]:.1f})", flush=True)
     times = {a_name: [], b_name: []}
-    ratios = []
+    cpu = {a_name: [], b_name: []}
+    ratios, cpu_ratios = [], []
     for pair in range(args.pairs):
       order = (a_name, b_name) if pair % 2 == 0 else (b_name, a_name)
       for name in order:
-        times[name].append(servers[name].step()[0])
+        seconds, _, cpu_seconds = servers[name].step()
+        times[name].append(seconds)
+        cpu[name].append(cpu_seconds)
       ratios.append(times[b_name][-1] / times[a_name][-1])
+      cpu_ratios.append(cpu[b_name][-1] / cpu[a_name][-1])
       print(f"pair {pair}: {a_name} {times[a_name][-1]:.2f} s, {b_name} {times[b_name][-1]:.2f} s, "
-            f"ratio {ratios[-1]:.3f} (load {os.getloadavg()[0]:.1f})", flush=True)
+            f"ratio {ratios[-1]:.3f}; CPU time ratio {cpu_ratios[-1]:.3f} (load {os.getloadavg()[0]:.1f})",
+            flush=True)
     finals = {name: server.close() for name, server in servers.items()}
   finally:
     for server in servers.values():
@@ -485,10 +497,13 @@ def paired(args) -> None:
           f"peak RSS {finals[name]['peak_rss_mib']:.0f} MiB")
   ratio = statistics.median(ratios)
   rate_ratio = statistics.median(ra / rb for ra, rb in zip(rates[a_name], rates[b_name]))
-  result_line(dict(paired=[a_name, b_name], ratios=ratios, times=times, finals=finals,
+  result_line(dict(paired=[a_name, b_name], ratios=ratios, times=times, cpu_seconds=cpu, finals=finals,
                    remat=args.remat, attention=args.attention, xla_flags=os.environ.get("XLA_FLAGS", ""),
                    wall_s=time.perf_counter() - t_start))
   print(f"median GFLOP/s ratio {a_name} / {b_name}: {rate_ratio:.3f}")
+  if not any(map(math.isnan, cpu_ratios)):  # the work per step, less sensitive to other load than wall time
+    print(f"median CPU-time ratio {a_name} / {b_name}: {statistics.median(cpu_ratios):.3f} "
+          f"(range {min(cpu_ratios):.3f}-{max(cpu_ratios):.3f})")
   print(f"median ratio {a_name} / {b_name} (step speed) over {len(ratios)} pairs: {ratio:.3f} "
         f"(range {min(ratios):.3f}-{max(ratios):.3f})", flush=True)
 
@@ -531,6 +546,7 @@ def main() -> None:
   parser.add_argument("--pairs", type=int, default=6)
   parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--code", help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.child:
     return {"glmjax": child_glmjax, "plain_jax": child_plain_jax, "hf_eager": child_hf_eager,
