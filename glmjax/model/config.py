@@ -212,6 +212,9 @@ LOSS_IMPLS = ("dense", "chunked")
 # projection, and the two sublayers' outputs.
 CHECKPOINT_NAMES = ("layer_input", "query_proj", "key_proj", "value_proj", "attention_out",
                     "attn_out_proj", "mlp_out")
+# The dense attention's own residuals (glmjax.pallas.dense, CPU): its output in the heads-major
+# layout and the rows' log-sum-exp; saved by "dots_and_attention_saveable" (REMAT_WITH_DOTS).
+DENSE_ATTENTION_NAMES = ("attention_core_out", "attention_lse")
 # remat_policy names of glmjax's own: (names saved on device, names offloaded to host memory).
 # Everything else is recomputed in the backward, as nothing_saveable. A remat_policy may also
 # spell the lists out: "save=query_proj,key_proj;offload=layer_input".
@@ -227,11 +230,18 @@ REMAT_POLICIES = {
 
 # remat_policy "auto", resolved by the platform the step is traced for (the active mesh's
 # devices; jax.default_backend() without a mesh). CPU: keep every matmul output that has no
-# batch dimension and recompute only the elementwise rest: faster than nothing_saveable, whose
+# batch dimension and the dense attention's output and log-sum-exp, recompute only the
+# elementwise rest (the attention's own products are not recomputed: BENCHMARKS.md, issue #13): faster than nothing_saveable, whose
 # backward recomputes the whole forward (a third more matmul FLOPs), and as fast as no remat
 # with less memory (llama-small train step, BENCHMARKS.md "Training throughput"). TPU / GPU: nothing_saveable (full remat, MaxText's "full"), the only
 # choice that fits billion-parameter layers at pod batch sizes; name another to trade memory.
-REMAT_AUTO = {"cpu": "dots_with_no_batch_dims_saveable"}
+REMAT_AUTO = {"cpu": "dots_and_attention_saveable"}
+
+# remat_policy names of glmjax's that save matmul outputs without batch dimensions
+# (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and these named activations.
+# "dots_and_attention_saveable" adds the dense attention's output and log-sum-exp, so the
+# backward recomputes no attention product (only the elementwise rest: norms, RoPE, SwiGLU).
+REMAT_WITH_DOTS = {"dots_and_attention_saveable": DENSE_ATTENTION_NAMES}
 REMAT_AUTO_DEFAULT = "nothing_saveable"
 
 
@@ -321,12 +331,13 @@ def validate(config: ModelConfig) -> None:
            f"the parallel block is pre-norm; norm_placement={config.norm_placement!r} is not supported "
            "with it (use norm_placement='pre')")
   _require(config.embed_grad_scale > 0, "embed_grad_scale", "must be > 0 (1.0 disables the shrink)")
-  if config.remat_policy not in ("none", "auto") and named_remat_policy(config.remat_policy) is None:
+  if (config.remat_policy not in ("none", "auto") and config.remat_policy not in REMAT_WITH_DOTS
+      and named_remat_policy(config.remat_policy) is None):
     import jax  # pylint: disable=import-outside-toplevel
     _require(hasattr(jax.checkpoint_policies, config.remat_policy), "remat_policy",
              f"{config.remat_policy!r} is neither 'auto', 'none', a name in jax.checkpoint_policies "
              "(e.g. 'nothing_saveable', 'dots_saveable', 'everything_saveable'), one of glmjax's "
-             f"{tuple(REMAT_POLICIES)} nor 'save=NAMES;offload=NAMES' with NAMES from "
+             f"{tuple(REMAT_POLICIES) + tuple(REMAT_WITH_DOTS)} nor 'save=NAMES;offload=NAMES' with NAMES from "
              f"{CHECKPOINT_NAMES}")
   _one_of(config, "loss_impl", LOSS_IMPLS)
   _require(isinstance(config.loss_chunk_size, int) and config.loss_chunk_size > 0, "loss_chunk_size",

@@ -243,6 +243,10 @@ def remat_policy(name: str):
   activations saved on device or offloaded to host memory (`pinned_host`; on a CPU backend that
   is the same memory, so the policy runs there too and only TPU / GPU save HBM), the rest
   recomputed."""
+  if name in config_lib.REMAT_WITH_DOTS:
+    return jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(*config_lib.REMAT_WITH_DOTS[name]))
   named = config_lib.named_remat_policy(name)
   if named is None:
     return getattr(jax.checkpoint_policies, name)

@@ -27,6 +27,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from glmjax.model.batch import may_attend
 from glmjax.pallas.reference import attention_mask
@@ -109,6 +110,9 @@ def _attention(q_h, k_h, v_h, seg_q, seg_k, bidi_k, slopes, scale, groups, q_off
 
 def _attention_fwd(q_h, k_h, v_h, seg_q, seg_k, bidi_k, slopes, scale, groups, q_offset):
   o, lse = _forward(q_h, k_h, v_h, seg_q, seg_k, bidi_k, slopes, scale, groups, q_offset)
+  # Named for the remat policies (glmjax.model.config.CHECKPOINT_NAMES): saving these two
+  # (O(L d) and O(L) per row) spares the backward the whole forward's recomputation.
+  o, lse = checkpoint_name(o, "attention_core_out"), checkpoint_name(lse, "attention_lse")
   return o, (q_h, k_h, v_h, seg_q, seg_k, bidi_k, slopes, o, lse)
 
 

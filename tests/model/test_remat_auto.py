@@ -30,11 +30,11 @@ def test_auto_is_the_default():
 def test_auto_on_cpu_is_the_saved_matmuls_policy():
   assert jax.default_backend() == "cpu"
   auto = loss_jaxpr(dataclasses.replace(CONFIG, remat_policy="auto"))
-  assert auto == loss_jaxpr(dataclasses.replace(CONFIG, remat_policy="dots_with_no_batch_dims_saveable"))
+  assert auto == loss_jaxpr(dataclasses.replace(CONFIG, remat_policy="dots_and_attention_saveable"))
   assert auto != loss_jaxpr(dataclasses.replace(CONFIG, remat_policy="nothing_saveable"))
 
 
-@pytest.mark.parametrize("platform, want", [("cpu", "dots_with_no_batch_dims_saveable"),
+@pytest.mark.parametrize("platform, want", [("cpu", "dots_and_attention_saveable"),
                                             ("tpu", "nothing_saveable"), ("gpu", "nothing_saveable")])
 def test_resolution_table(platform, want):
   assert config_lib.resolve_remat_policy("auto", platform) == want

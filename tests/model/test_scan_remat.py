@@ -28,7 +28,7 @@ def _loss(logits, batch):
   return -jnp.mean(jnp.take_along_axis(logp, tgt[..., None], axis=-1))
 
 
-@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "none"])
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable", "dots_and_attention_saveable", "none"])
 def test_scan_remat_equals_unrolled_loop(policy):
   config = tiny("tiny-chatglm", num_layers=3, remat_policy=policy)
   params = perturbed_params(config)
