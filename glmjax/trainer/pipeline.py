@@ -74,9 +74,6 @@ def check(config: ModelConfig, stages: int, microbatches: int, batch_size: int, 
                      "stage would never run; use at least as many microbatches as stages")
   if batch_size % microbatches:
     raise ValueError(f"microbatches={microbatches} must divide the batch size {batch_size}")
-  if stages > 1 and ring.context_size() > 1:
-    raise ValueError(f"MeshConfig.context={ring.context_size()} with MeshConfig.stage={stages}: "
-                     "context parallelism inside pipeline stages is not implemented; use one of them")
 
 
 def circular_layout(layer_params, stages: int, repeats: int):
@@ -135,6 +132,15 @@ def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: in
     """buffer with buffer[slot] = value where `keep`, else unchanged."""
     return jax.lax.dynamic_update_index_in_dim(buffer, jnp.where(keep, value, at(buffer, slot)), slot, 0)
 
+  def run_chunk(chunks, repeat, x, ctx):
+    """This stage's chunk `repeat` of layers on x. GPipe's one chunk is a loop invariant (the
+    backward reads the weights in place); a circular chunk is picked per tick, and the backward
+    keeps that tick's pick (R M + S - 1 chunk copies per stage: the circular schedule's memory
+    cost here; the model's layer scan saves its weight inputs whatever the remat policy)."""
+    if repeats == 1:
+      return transformer.run_layers(jax.tree.map(lambda a: a[0], chunks), x, ctx, config)
+    return transformer.run_layers(jax.tree.map(lambda a: at(a, repeat), chunks), x, ctx, config)
+
   def tick(carry, t):
     state, loop, outputs, aux_total = carry
     if repeats > 1:
@@ -151,8 +157,7 @@ def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: in
     valid = (item >= 0) & (item < work)
     safe = jnp.clip(item, 0, work - 1)
     ctx = jax.tree.map(lambda a: at(a, safe % microbatches), ctx_all)
-    y, aux = transformer.run_layers(jax.tree.map(lambda a: at(a, safe // microbatches), chunks), inputs,
-                                    ctx, config)
+    y, aux = run_chunk(chunks, safe // microbatches, inputs, ctx)
     aux_total = aux_total + jnp.where(valid, aux, 0.0)
     done = t - (stages - 1)  # the last stage's item at this tick; its final repeat finishes a microbatch
     outputs = put(outputs, jnp.clip(done, 0, work - 1) % microbatches, y.astype(outputs.dtype),
@@ -171,6 +176,10 @@ def _hidden_all(params: dict, batch: dict, config: ModelConfig, microbatches: in
   transformer.validate_batch(batch, config)
   batch = transformer.default_fields(batch)
   check(config, stages, microbatches, batch["tokens"].shape[0], repeats)
+  context = ring.context_size()  # > 1: each stage's layers see the sequence split, in zig-zag order
+  if context > 1:
+    ring.check_length(batch["tokens"].shape[1], context)
+    batch = {key: ring.to_zigzag(value, context) for key, value in batch.items()}
   parts = jax.tree.map(lambda x: split(x, microbatches), batch)
   ctx_all = jax.vmap(lambda b: transformer.position_context(b, config))(parts)
   x_all = split(transformer.embed(params, batch, config), microbatches)
@@ -185,6 +194,7 @@ def _hidden_all(params: dict, batch: dict, config: ModelConfig, microbatches: in
     h_all, aux = jax.shard_map(fn, mesh=mesh, in_specs=(layer_specs, P(), P()), out_specs=(P(), P()),
                                axis_names=frozenset({STAGE_AXIS}), check_vma=False)(
                                    circular_layout(params["layers"], stages, repeats), x_all, ctx_all)
+  h_all = jax.vmap(lambda h: ring.from_zigzag(h, context))(h_all)
   aux = aux / microbatches
   return h_all, {"moe_aux_loss": aux / config.num_layers if config.num_experts else aux}
 

@@ -1,6 +1,7 @@
 """GPipe and the circular schedule over the `stage` mesh axis: stage = 2 / 4 with 4 - 8
 microbatches (circular: 2 repeats) gives the unpipelined logits and gradients (1e-5, float32),
-also with fsdp = 2 (params sharded along embed inside each stage); the circular schedule's
+also with fsdp = 2 (params sharded along embed inside each stage) and with context = 2 (ring
+attention inside the stages); the circular schedule's
 layer order and bubble against plain-Python references; bad schedules are one-line errors
 naming the field."""
 
@@ -180,12 +181,12 @@ def test_train_step_with_stages_equals_one_device():
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
 
 
-def test_stages_with_context_parallelism_is_refused_in_one_line():
-  mesh = make_mesh(MeshConfig(data=2, stage=2, context=2))
-  params = init_params(CONFIG, jax.random.key(0))
-  with activation_sharding(mesh, DEFAULT_RULES), pytest.raises(ValueError) as err:
-    jax.jit(lambda p, b: pipeline.forward_with_aux(p, b, CONFIG, microbatches=2)).lower(params, glm_batch())
-  assert str(err.value).startswith("MeshConfig.context=2 with MeshConfig.stage=2") and "\n" not in str(err.value)
+def test_stages_with_context_parallelism_equal_one_device(reference):
+  """stage=2 x context=2 x data=2, circular (GPipe is its R = 1): each stage's layers run ring
+  attention on its half of the zig-zag sequence (segments and bidirectional prefixes cross the
+  chunk boundaries)."""
+  mesh = make_mesh(MeshConfig(data=2, stage=2, context=2, pipeline_schedule="circular", pipeline_repeats=2))
+  assert_pipeline_equals(reference, CONFIG, mesh, microbatches=4, repeats=2)
 
 
 @pytest.mark.parametrize("fields, message", [
