@@ -101,6 +101,9 @@ ROWS = [
     # the fsdp and the context axis (rule embed -> (fsdp, context)), so the params shard 16 / 8 ways.
     row("chatglm2-6b-32k-cp4/v5e-16", "chatglm2.gin", "v5e:4x4", 4, 32768,
         extra=["MeshConfig.fsdp = 4", "MeshConfig.context = 4", CP_RULES] + CHUNKED),
+    row("chatglm2-6b-32k-cp4-offload-bf16adam/v5e-16", "chatglm2.gin", "v5e:4x4", 4, 32768,
+        extra=["MeshConfig.fsdp = 4", "MeshConfig.context = 4", CP_RULES] + CHUNKED + OFFLOAD
+        + BF16_ADAM),
     row("chatglm2-6b-128k-cp8/v5p-32", "chatglm2.gin", "v5p:2x2x4", 2, 131072,
         extra=["MeshConfig.fsdp = 2", "MeshConfig.context = 8", CP_RULES] + CHUNKED),
     row("chatglm2-6b-decode/v5e-4", "chatglm2.gin", "v5e:2x2", 8, 1, step="decode", context=8192,
