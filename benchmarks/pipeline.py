@@ -1,24 +1,24 @@
 #!/usr/bin/env python3
-"""GPipe bubble on 8 emulated CPU devices: measured vs (S - 1) / (M + S - 1).
+"""Pipeline bubble on 8 emulated CPU devices: GPipe vs (S - 1) / (M + S - 1), circular vs
+(S - 1) / (R M + S - 1).
 
-    python benchmarks/pipeline.py                 # S in {2, 4}, M in {S, 2S, 4S}; ~5 min on 2 cores
+    python benchmarks/pipeline.py                 # S in {2, 4}, M in {S, 2S, 4S}, GPipe and R = 2
+    python benchmarks/pipeline.py --schedules circular --circular-repeats 2 4
 
-glmjax.trainer.pipeline runs M + S - 1 clock ticks; at each tick every stage runs its layers
-(on a real pod a stage with no microbatch idles; here, in a bubble tick, it computes on
-zeros that are then discarded), so the work of the whole pipelined step is (M + S - 1) / M
-times the work of the same step without stages. On emulated devices, which share the host's
-cores, the wall time measures total work, so
+glmjax.trainer.pipeline runs R M + S - 1 clock ticks (GPipe: R = 1); at each tick every stage
+runs one chunk of N / (S R) layers (on a real pod a stage with no microbatch idles; here, in
+a bubble tick, it computes on data that is then discarded), so the work of the whole
+pipelined step is (R M + S - 1) / (R M) times the work of the same step without stages. On
+emulated devices, which share the host's cores, the wall time measures total work, so
 
     measured bubble = 1 - t(unpipelined) / t(pipelined)
 
-compares with GPipe's bubble fraction (S - 1) / (M + S - 1) (Huang et al. 2019, sec. 2.2);
+compares with GPipe's bubble fraction (S - 1) / (M + S - 1) (Huang et al. 2019, sec. 2.2) and
+the circular schedule's (S - 1) / (R M + S - 1) (Narayanan et al. 2021, sec. 2.2);
 the excess is the pipeline's own overhead (ppermute copies, the per-tick context slices,
 the outputs' psum). The unpipelined step is the same loss and gradient on a data-only mesh
 (data = 8): the same rows per device, the same math. Both are compiled in one process and
 timed alternately (A B A B ...) so machine load hits both alike.
-
-The circular (interleaved) schedule is not implemented; its row would have bubble
-(S - 1) / (v M + S - 1) for v virtual stages per device.
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ def nll(logits, batch):
   return -jnp.mean(jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1))
 
 
-def make_step(mesh, microbatches):
+def make_step(mesh, microbatches, repeats=1):
   def loss(p, b):
     if microbatches:
-      logits = pipeline.forward_with_aux(p, b, CONFIG, microbatches=microbatches)[0]
+      logits = pipeline.forward_with_aux(p, b, CONFIG, microbatches=microbatches, repeats=repeats)[0]
     else:
       logits = forward(p, b, CONFIG)
     return nll(logits, b)
@@ -76,9 +76,24 @@ def placed(mesh, params, batch):
   return params, jax.device_put(batch, rows)
 
 
+def timed_pair(step, flat, repeats):
+  """Median wall times (t_pipe, t_flat) and the median ratio t_flat / t_pipe, timed A B A B ..."""
+  t_pipe, t_flat = [], []
+  for _ in range(repeats):
+    for fn, times in ((step, t_pipe), (flat, t_flat)):
+      t0 = time.perf_counter()
+      fn[0](*fn[1:])
+      times.append(time.perf_counter() - t0)
+  return statistics.median(t_pipe), statistics.median(t_flat), statistics.median(
+      [f / p for f, p in zip(t_flat, t_pipe)])
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=int, default=5, help="timed runs per row")
+  parser.add_argument("--schedules", nargs="+", default=["gpipe", "circular"], choices=["gpipe", "circular"])
+  parser.add_argument("--circular-repeats", type=int, nargs="+", default=[2],
+                      help="the circular schedule's layer chunks per stage R (each must divide layers / S)")
   args = parser.parse_args()
   rng = np.random.default_rng(0)
   batch = {"tokens": rng.integers(0, CONFIG.vocab_size, (BATCH, LENGTH)).astype(np.int32),
@@ -89,25 +104,24 @@ def main() -> None:
   want = flat[0](*flat[1:])
   print(f"{jax.device_count()} emulated devices on {os.cpu_count()} cores; jax {jax.__version__}; "
         f"model d={CONFIG.d_model} layers={CONFIG.num_layers}, batch {BATCH} x {LENGTH}")
-  print("| stages S | microbatches M | GPipe bubble (S-1)/(M+S-1) | measured 1 - t_flat/t_pipe | "
+  rows = [("gpipe", 1)] * ("gpipe" in args.schedules) + [
+      ("circular", r) for r in args.circular_repeats if "circular" in args.schedules]
+  print("| schedule | stages S | repeats R | microbatches M | bubble (S-1)/(RM+S-1) | measured 1 - t_flat/t_pipe | "
         "t_pipe (s) | t_flat (s) | loss equal |")
-  print("|---|---|---|---|---|---|---|")
-  for stages in (2, 4):
-    mesh = make_mesh(MeshConfig(data=8 // stages, stage=stages))
-    for microbatches in (stages, 2 * stages, 4 * stages):
-      step = (make_step(mesh, microbatches),) + placed(mesh, params, batch)
-      got = step[0](*step[1:])
-      t_pipe, t_flat = [], []
-      for _ in range(args.repeats):
-        for fn, times in ((step, t_pipe), (flat, t_flat)):
-          t0 = time.perf_counter()
-          fn[0](*fn[1:])
-          times.append(time.perf_counter() - t0)
-      ratios = [f / p for f, p in zip(t_flat, t_pipe)]
-      formula = (stages - 1) / (microbatches + stages - 1)
-      print(f"| {stages} | {microbatches} | {formula:.3f} | {1 - statistics.median(ratios):.3f} | "
-            f"{statistics.median(t_pipe):.3f} | {statistics.median(t_flat):.3f} | "
-            f"{abs(got - want) <= 1e-5 * abs(want)} |", flush=True)
+  print("|---|---|---|---|---|---|---|---|---|")
+  for schedule, repeats in rows:
+    for stages in (2, 4):
+      if CONFIG.num_layers % (stages * repeats):
+        continue
+      mesh = make_mesh(MeshConfig(data=8 // stages, stage=stages, pipeline_schedule=schedule,
+                                  pipeline_repeats=repeats))
+      for microbatches in (stages, 2 * stages, 4 * stages):
+        step = (make_step(mesh, microbatches, repeats),) + placed(mesh, params, batch)
+        got = step[0](*step[1:])
+        t_pipe, t_flat, ratio = timed_pair(step, flat, args.repeats)
+        formula = pipeline.bubble_fraction(stages, microbatches, repeats)
+        print(f"| {schedule} | {stages} | {repeats} | {microbatches} | {formula:.3f} | {1 - ratio:.3f} | "
+              f"{t_pipe:.3f} | {t_flat:.3f} | {abs(got - want) <= 1e-5 * abs(want)} |", flush=True)
 
 
 if __name__ == "__main__":
