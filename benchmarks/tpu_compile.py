@@ -2,7 +2,11 @@
 """Presets x TPU topologies at realistic training shapes, compiled ahead of time on this host.
 
     python benchmarks/tpu_compile.py [--rows llama2-7b/v5p-8 chatglm2-6b-decode/v5e-4] [--list]
-                                     [--timeout 1800] [--json OUT]
+                                     [--timeout 1800] [--json OUT] [--maxtext PYTHON]
+
+With --maxtext (an interpreter where `pip install maxtext` worked: MaxText needs Python >= 3.12,
+e.g. a venv of pyenv's 3.12) the rows that name a MaxText model also run MaxText's own
+`train_compile` at the same shape, and the table puts its per-device GiB beside glmjax's.
 
 Each row runs `glmjax compile` (libtpu, no TPU) in its own process and reads its --json report:
 per-device GiB (arguments / temporaries / peak), fits, compile seconds and the roofline MFU
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import os
 import subprocess
 import sys
@@ -56,21 +61,25 @@ CP_RULES = ("MeshConfig.rules = (('batch', ('data', 'fsdp')), ('length', 'contex
             "('kv_heads', 'tensor'), ('mlp', 'tensor'), ('vocab', 'tensor'), ('experts', 'expert'))")
 
 
-def row(name, model, topology, batch, length, *, slices=1, step="train", context=0, extra=()):
+def row(name, model, topology, batch, length, *, slices=1, step="train", context=0, extra=(),
+        maxtext=None):
   bindings = TRAIN + [f"DataConfig.batch_size = {batch}", f"DataConfig.sequence_length = {length}",
                       f"ModelConfig.max_length = {max(length, context)}"] + list(extra)
   return {"name": name, "gin_file": os.path.join(REPO, "experiments", "models", model),
           "bindings": bindings, "topology": topology, "num_slices": slices, "step": step,
-          "context": context, "batch": batch, "length": length}
+          "context": context, "batch": batch, "length": length, "maxtext": maxtext}
 
 
 # Google's slice names count TensorCores for v4 / v5p (2 a chip) and chips for v5e.
 ROWS = [
-    row("llama2-7b/v5p-8", "llama2_7b.gin", "v5p:2x2x1", 4, 4096),
-    row("llama2-7b/v5e-16", "llama2_7b.gin", "v5e:4x4", 16, 4096),
+    # maxtext: (MaxText model_name, MaxText topology name, per_device_batch_size) of the peer run
+    row("llama2-7b/v5p-8", "llama2_7b.gin", "v5p:2x2x1", 4, 4096, maxtext=("llama2-7b", "v5p-8", 1)),
+    row("llama2-7b/v5e-16", "llama2_7b.gin", "v5e:4x4", 16, 4096,
+        maxtext=("llama2-7b", "v5e-16", 1)),
     row("chatglm2-6b-32k/v5e-16", "chatglm2.gin", "v5e:4x4", 16, 32768),
     row("chatglm2-6b-32k/v5p-8", "chatglm2.gin", "v5p:2x2x1", 4, 32768),
-    row("llama2-70b/v5p-64", "llama2_70b.gin", "v5p:4x4x2", 32, 4096),
+    row("llama2-70b/v5p-64", "llama2_70b.gin", "v5p:4x4x2", 32, 4096,
+        maxtext=("llama2-70b", "v5p-64", 1)),
     row("glm-130b/v4-384", "glm130b.gin", "v4:4x4x12", 384, 2048),
     row("glm-130b/v5p-128", "glm130b.gin", "v5p:4x4x4", 64, 2048),
     row("bloom-176b/v5p-128", "bloom.gin", "v5p:4x4x4", 64, 2048,
@@ -157,13 +166,69 @@ def run_row(row_: dict, timeout: float) -> dict:
   return report
 
 
+def parse_memory_analysis(text: str):
+  """Per-device bytes from the `Memory analysis: CompiledMemoryStats(...)` line MaxText's
+  train_compile prints (None when absent); peak as glmjax.aot.per_device_bytes computes it."""
+  m = re.search(r"Memory analysis: CompiledMemoryStats\((.*?)\)", text)
+  if not m:
+    return None
+  f = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", m.group(1))}
+  out = {"arguments": f["argument_size_in_bytes"], "temporaries": f["temp_size_in_bytes"],
+         "outputs": f["output_size_in_bytes"], "aliased": f["alias_size_in_bytes"],
+         "generated_code": f["generated_code_size_in_bytes"]}
+  out["peak"] = (out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
+                 + out["generated_code"])
+  return out
+
+
+def run_maxtext(row_: dict, python: str, timeout: float) -> dict:
+  """The peer: MaxText's `train_compile` (its own interpreter `python`, MaxText >= 3.12) for the
+  row's model, topology and tokens per chip, at the same training choices (bf16 compute over
+  float32 weights, AdamW, full remat, its default FSDP over the slice, its autoselected (flash)
+  attention). Returns {"per_device_bytes", "wall_s"} or {"error"}."""
+  model, topology, per_device = row_["maxtext"]
+  where = subprocess.run([python, "-c", "import maxtext, os; print(os.path.dirname(maxtext.__file__))"],
+                         capture_output=True, text=True, check=False)
+  if where.returncode:
+    return {"error": f"maxtext not importable by {python}: {where.stderr.strip().splitlines()[-1:]}"}
+  with tempfile.TemporaryDirectory() as tmp:
+    argv = [python, "-m", "maxtext.trainers.pre_train.train_compile",
+            os.path.join(where.stdout.strip(), "configs", "base.yml"), f"model_name={model}",
+            f"compile_topology={topology}", "compile_topology_num_slices=1",
+            f"per_device_batch_size={per_device}", f"max_target_length={row_['length']}",
+            "remat_policy=full", "weight_dtype=float32", "dtype=bfloat16", "opt_type=adamw",
+            f"base_output_directory={tmp}", "run_name=peer", "enable_checkpointing=false"]
+    start = time.perf_counter()
+    try:
+      proc = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=timeout,
+                            check=False, env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+    except subprocess.TimeoutExpired:
+      return {"error": f"timed out after {timeout:.0f} s"}
+  memory = parse_memory_analysis(proc.stdout + proc.stderr)
+  if memory is None:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+    return {"error": f"exit {proc.returncode}: {tail[0][:300]}"}
+  return {"per_device_bytes": memory, "wall_s": round(time.perf_counter() - start, 1)}
+
+
+
+def peer_cell(report: dict) -> str:
+  peer = report.get("maxtext")
+  if not peer:
+    return ""
+  if "error" in peer:
+    return f"error: {peer['error']}"
+  m = peer["per_device_bytes"]
+  return f"{m['arguments'] / GiB:.2f} / {m['temporaries'] / GiB:.2f} / {m['peak'] / GiB:.2f}"
+
 def table(reports: list) -> str:
   lines = ["| preset / slice | topology | step: batch x length | args GiB | temps GiB | peak GiB "
-           "| HBM GiB | fits | analytic state GiB | compile s | HBM traffic GiB | MFU bound |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| HBM GiB | fits | analytic state GiB | compile s | HBM traffic GiB | MFU bound "
+           "| MaxText args / temps / peak GiB |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in reports:
     if "error" in r:
-      lines.append(f"| {r['name']} | | | | | | | error: {r['error']} | | | | |")
+      lines.append(f"| {r['name']} | | | | | | | error: {r['error']} | | | | | |")
       continue
     m = r["per_device_bytes"]
     lines.append(
@@ -172,7 +237,7 @@ def table(reports: list) -> str:
         f"| {r['hbm_bytes_per_device'] / GiB:.2f} | {'yes' if r['fits'] else 'NO'} "
         f"| {r['state_lower_bound_bytes'] / GiB:.2f} | {r['compile_s']:.0f} "
         f"| {r['hbm_traffic']['total'] / GiB:.1f} "
-        f"| {r['roofline']['mfu_bound']:.0%} ({r['roofline']['bound_by']}) |")
+        f"| {r['roofline']['mfu_bound']:.0%} ({r['roofline']['bound_by']}) | {peer_cell(r)} |")
   return "\n".join(lines)
 
 
@@ -182,6 +247,9 @@ def main() -> int:
   p.add_argument("--list", action="store_true", help="print the row names and exit")
   p.add_argument("--timeout", type=float, default=1800, help="seconds per row")
   p.add_argument("--json", default=None, help="also write the reports here")
+  p.add_argument("--maxtext", default=None, metavar="PYTHON",
+                 help="an interpreter with MaxText installed (it needs Python >= 3.12): also run its "
+                      "train_compile for the rows that name a MaxText model")
   args = p.parse_args()
   if args.list:
     print("\n".join(r["name"] for r in ROWS))
@@ -194,6 +262,8 @@ def main() -> int:
   reports = []
   for r in chosen:
     reports.append(run_row(r, args.timeout))
+    if args.maxtext and r["maxtext"] and "error" not in reports[-1]:
+      reports[-1]["maxtext"] = run_maxtext(r, args.maxtext, args.timeout)
     print(f"{r['name']}: done", file=sys.stderr, flush=True)
   print(table(reports))
   slim = [{k: v for k, v in r.items() if k != "collectives"} for r in reports]
