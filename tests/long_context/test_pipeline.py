@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from glmjax import config_gin
+from glmjax.cli import train as train_cli
 from glmjax.model import ModelConfig, forward, init_params
 from glmjax.sharding import DEFAULT_RULES, MeshConfig, activation_sharding, make_mesh, param_shardings
 from glmjax.trainer import pipeline
@@ -197,8 +199,24 @@ def test_stages_with_context_parallelism_equal_one_device(reference):
      "MeshConfig.pipeline_repeats=4 must divide ModelConfig.num_layers / MeshConfig.stage = 2"),
 ])
 def test_bad_pipeline_fields_are_one_line_before_anything_is_built(fields, message):
-  """TrainProgram refuses them in its constructor (before params or a compile)."""
+  """TrainProgram refuses them in its constructor (before params or a compile); `glmjax train`
+  exits 2 with that line (next test)."""
   from glmjax.trainer import OptimizerConfig, TrainProgram  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError) as err:
     TrainProgram(CONFIG, OptimizerConfig(), MeshConfig(data=4, stage=2, **fields), num_steps=1, global_batch_size=BATCH)
   assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("binding, field", [
+    ("MeshConfig.pipeline_schedule = '1f1b'", "MeshConfig.pipeline_schedule"),
+    ("MeshConfig.pipeline_repeats = 2", "MeshConfig.pipeline_repeats"),
+])
+def test_bad_pipeline_binding_is_exit_2_with_one_line(binding, field, capsys, tmp_path):
+  config_gin.clear()
+  try:
+    code = train_cli.main(["--gin_file", "experiments/demo.gin", "--gin", binding, "--workdir", str(tmp_path / "run")])
+  finally:
+    config_gin.clear()
+  err = capsys.readouterr().err.strip()
+  assert code == 2 and len(err.splitlines()) == 1 and field in err, err
+  assert not (tmp_path / "run").exists()  # refused before anything was written
