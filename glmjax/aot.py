@@ -389,8 +389,7 @@ def saved_width(config, policy: str) -> int:
 
 def hbm_traffic(config, step: str, *, batch: int, length: int, num_devices: int,
                 model_shards: int = 1, stages: int = 1, microbatches: int = 1, param_count: int,
-                matmul_param_count: int,
-                param_bytes: int, state_bytes_per_device: float = 0.0, context: int = 0,
+                matmul_param_count: int, param_bytes: int, state_bytes_per_device: float = 0.0,
                 kv_cache_bytes: float = 0.0) -> dict:
   """One device's HBM bytes per step, term by term: a lower bound on what the step moves (the
   activations inside a layer, which XLA partly keeps in VMEM, are not counted).
@@ -413,7 +412,8 @@ def hbm_traffic(config, step: str, *, batch: int, length: int, num_devices: int,
     decode: weights = M x c / S + N x p / D (the stored params read to cast),
             kv_cache = kv_cache_bytes / D (the whole cache read once), logits batch x V x 4 / D
 
-  `state_bytes_per_device` is the optimizer state's bytes on one device (its shards).
+  `state_bytes_per_device` is the optimizer state's bytes on one device (its shards);
+  `kv_cache_bytes` the whole decode cache's (k and v, all layers, rows and slots).
   """
   c = itemsize(config.dtype)
   tensor = max(1, model_shards // max(stages, 1))
@@ -545,8 +545,7 @@ def experiment_hbm_traffic(experiment, step: str, mesh_shape: dict, num_devices:
                      param_count=count,
                      matmul_param_count=matmul_params(config),
                      param_bytes=itemsize(config.param_dtype),
-                     state_bytes_per_device=state_bytes_per_device, context=context,
-                     kv_cache_bytes=kv)
+                     state_bytes_per_device=state_bytes_per_device, kv_cache_bytes=kv)
 
 
 def memory_options(experiment) -> dict:
