@@ -113,6 +113,26 @@ def merge(x):
   return jnp.swapaxes(x, 0, 1).reshape((m * b,) + x.shape[2:])
 
 
+@jax.tree_util.register_pytree_node_class
+class RepeatPick:
+  """One layer's weights of all R chunks ([R, ...]) and the chunk to use: glmjax.model.layers
+  .materialize calls `dense()` inside the layer scan's (remat'd) body, so the pick is part of
+  the recomputed layer (the layer scan slices `stack` and `index` along their leading axis)."""
+
+  def __init__(self, stack, index):
+    self.stack, self.index = stack, index
+
+  def tree_flatten(self):
+    return (self.stack, self.index), None
+
+  @classmethod
+  def tree_unflatten(cls, _, children):
+    return cls(*children)
+
+  def dense(self):
+    return jax.lax.dynamic_index_in_dim(self.stack, self.index, keepdims=False)
+
+
 def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: int, microbatches: int,
                 repeats: int):
   """Per-stage program under shard_map: the clock loop over R M + S - 1 ticks (module docstring),
@@ -134,12 +154,17 @@ def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: in
 
   def run_chunk(chunks, repeat, x, ctx):
     """This stage's chunk `repeat` of layers on x. GPipe's one chunk is a loop invariant (the
-    backward reads the weights in place); a circular chunk is picked per tick, and the backward
-    keeps that tick's pick (R M + S - 1 chunk copies per stage: the circular schedule's memory
-    cost here; the model's layer scan saves its weight inputs whatever the remat policy)."""
+    backward reads the weights in place). A circular stage's layer scan runs over its layers
+    with all R chunks' weights of each layer (`RepeatPick`), picking chunk `repeat` inside the
+    model's remat'd layer body: the backward recomputes the pick from the loop-invariant
+    weights instead of keeping a copy per tick (under ModelConfig.remat_policy 'none' the body
+    is not remat'd and the picks are kept, R M + S - 1 chunk copies per stage)."""
     if repeats == 1:
       return transformer.run_layers(jax.tree.map(lambda a: a[0], chunks), x, ctx, config)
-    return transformer.run_layers(jax.tree.map(lambda a: at(a, repeat), chunks), x, ctx, config)
+    size = jax.tree.leaves(chunks)[0].shape[1]  # C layers per chunk
+    index = jnp.full((size,), repeat, jnp.int32)
+    by_layer = jax.tree.map(lambda a: RepeatPick(jnp.swapaxes(a, 0, 1), index), chunks)  # [C, R, ...]
+    return transformer.run_layers(by_layer, x, ctx, config)
 
   def tick(carry, t):
     state, loop, outputs, aux_total = carry
