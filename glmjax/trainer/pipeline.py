@@ -130,7 +130,13 @@ class RepeatPick:
     return cls(*children)
 
   def dense(self):
-    return jax.lax.dynamic_index_in_dim(self.stack, self.index, keepdims=False)
+    picked = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.index, keepdims=False), self.stack)
+    return picked.dense() if _packed(picked) else picked
+
+
+def _packed(x) -> bool:
+  """Weights in another form (glmjax.tuning's LoraWeight), as glmjax.model.layers.materialize sees them."""
+  return hasattr(x, "dense") and not hasattr(x, "shape")
 
 
 def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: int, microbatches: int,
@@ -163,7 +169,8 @@ def _stage_body(layer_params, x_all, ctx_all, *, config: ModelConfig, stages: in
       return transformer.run_layers(jax.tree.map(lambda a: a[0], chunks), x, ctx, config)
     size = jax.tree.leaves(chunks)[0].shape[1]  # C layers per chunk
     index = jnp.full((size,), repeat, jnp.int32)
-    by_layer = jax.tree.map(lambda a: RepeatPick(jnp.swapaxes(a, 0, 1), index), chunks)  # [C, R, ...]
+    by_layer = jax.tree.map(  # [C, R, ...]; weights held in another form (LoRA) are picked whole
+        lambda w: RepeatPick(jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1), w), index), chunks, is_leaf=_packed)
     return transformer.run_layers(by_layer, x, ctx, config)
 
   def tick(carry, t):
