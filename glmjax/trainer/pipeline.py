@@ -25,6 +25,10 @@ run loads anywhere). Inside the step `circular_layout` reorders the stacked `lay
 `stage`; its gradient is the inverse transpose), so the contiguous `stage` split hands stage s
 its R chunks.
 
+With a `context` axis > 1 the batch is put in zig-zag order before the stages and back after
+them (as glmjax.model.transformer.hidden_with_aux), and each stage's attention is ring attention
+over `context` (glmjax.pallas.ring; its shard_map nests inside the one over `stage`).
+
 The last stage's outputs are summed over `stage` (every other stage contributes zeros).
 Gradients are autodiff of this program: all forwards, then all backwards in reverse, with the
 model's per-layer remat inside each chunk.
