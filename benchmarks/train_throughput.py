@@ -135,6 +135,9 @@ def child_glmjax(args) -> None:
   def step(i):
     tokens = random_tokens(i)
     host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((BATCH, SEQ), np.float32)}
+    if args.fields == "all":  # every optional field written out, as the trainer's data pipeline does
+      from glmjax.model import batch as batch_lib  # pylint: disable=import-outside-toplevel
+      host = batch_lib.with_defaults(host)
     state["s"], metrics = program.train_step(state["s"], program.global_batch(host))
     return float(metrics["loss"])
 
@@ -374,11 +377,12 @@ def _parse_paired(text: str) -> tuple[str, dict, str]:
   spec, _, isa = text.partition("@")
   impl, *options = spec.split(",")
   overrides = dict(option.split("=", 1) for option in options if "=" in option)
-  bad = [o for o in options if "=" not in o] + [k for k in overrides if k not in ("remat", "attention")]
+  bad = [o for o in options if "=" not in o] + [k for k in overrides if k not in ("remat", "attention", "fields")]
+  bad += [v for k, v in overrides.items() if k == "fields" and v not in ("given", "all")]
   known_isa = not isa or isa in ISA_ENV or isa.startswith("rev=")
   if impl not in PAIRED_IMPLS or not known_isa or bad or (overrides and impl != "glmjax"):
     raise argparse.ArgumentTypeError(
-        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][@{'|'.join(ISA_ENV)}|@rev=GITREV] with IMPL in {PAIRED_IMPLS} "
+        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][,fields=given|all][@{'|'.join(ISA_ENV)}|@rev=GITREV] with IMPL in {PAIRED_IMPLS} "
         "(remat / attention only for glmjax)")
   return impl, overrides, isa
 
@@ -413,6 +417,8 @@ def _child_command(name: str, args) -> tuple[list, dict]:
   me = [sys.executable, script, "--warmup", str(args.warmup), "--serve", "--child", impl] + code
   if impl == "glmjax":
     me += ["--remat", overrides.get("remat", args.remat), "--attention", overrides.get("attention", args.attention)]
+    if overrides.get("fields") == "all":
+      me += ["--fields", "all"]
   env = dict(os.environ)
   if isa:
     env.update(ISA_ENV[isa])
@@ -540,13 +546,16 @@ def main() -> None:
                       help="also trace one glmjax step and print where its XLA op time goes")
   parser.add_argument("--paired", nargs=2, metavar=("A", "B"), type=paired_name,
                       help=f"A/B mode: both alive, steps alternating; prints the median ratio A/B last. "
-                           f"A, B in {PAIRED_IMPLS}, each optionally ,remat=POLICY ,attention=IMPL (glmjax) and "
+                           f"A, B in {PAIRED_IMPLS}, each optionally ,remat=POLICY ,attention=IMPL ,fields=all (glmjax) and "
                            f"@{'|'.join(ISA_ENV)} (an environment variant: AVX2 cap, XLA oneDNN dots) or "
                            f"@rev=GITREV (that commit's code, from a git worktree under /tmp)")
   parser.add_argument("--pairs", type=int, default=6)
   parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--code", help=argparse.SUPPRESS)
+  parser.add_argument("--fields", choices=("given", "all"), default="given",
+                      help="glmjax batch: tokens/targets/loss_mask only (given), or every optional field "
+                           "written out with its default (all: what the trainer's data pipeline passes)")
   args = parser.parse_args()
   if args.child:
     return {"glmjax": child_glmjax, "plain_jax": child_plain_jax, "hf_eager": child_hf_eager,
