@@ -181,6 +181,15 @@ def parse_memory_analysis(text: str):
   return out
 
 
+def maxtext_env() -> dict:
+  """The environment for MaxText's interpreter: this one's, less TPU_LIBRARY_PATH (importing
+  jax here points it at this environment's libtpu, which MaxText's newer jax must not load: its
+  Pallas kernels' configs would not parse)."""
+  env = {k: v for k, v in os.environ.items() if k != "TPU_LIBRARY_PATH"}
+  env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+  return env
+
+
 def run_maxtext(row_: dict, python: str, timeout: float) -> dict:
   """The peer: MaxText's `train_compile` (its own interpreter `python`, MaxText >= 3.12) for the
   row's model, topology and tokens per chip, at the same training choices (bf16 compute over
@@ -201,7 +210,7 @@ def run_maxtext(row_: dict, python: str, timeout: float) -> dict:
     start = time.perf_counter()
     try:
       proc = subprocess.run(argv, cwd=tmp, capture_output=True, text=True, timeout=timeout,
-                            check=False, env={**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"})
+                            check=False, env=maxtext_env())
     except subprocess.TimeoutExpired:
       return {"error": f"timed out after {timeout:.0f} s"}
   memory = parse_memory_analysis(proc.stdout + proc.stderr)
