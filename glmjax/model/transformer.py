@@ -178,9 +178,16 @@ def mlp_sublayer(p: dict, x_BLD, ctx: PositionContext, config: ModelConfig):
   """Returns (output, auxiliary loss); the loss is 0 for dense FFNs."""
   dtype = x_BLD.dtype
   if config.num_experts:
-    return layers.moe_ffn(p, x_BLD, ctx.segment_ids != 0, activation=config.ffn_activation,
-                          gated=config.ffn_gated, top_k=config.experts_top_k,
-                          capacity_factor=config.expert_capacity_factor, dtype=dtype)
+    # Under context parallelism the layers see the sequence in zig-zag order; expert capacity
+    # slots go to tokens first come first served in token order, so routing runs in the
+    # sequence's own order (else a different token overflows an expert than on one device).
+    context = ring.context_size()
+    out, aux = layers.moe_ffn(p, ring.from_zigzag(x_BLD, context),
+                              ring.from_zigzag(ctx.segment_ids != 0, context),
+                              activation=config.ffn_activation, gated=config.ffn_gated,
+                              top_k=config.experts_top_k,
+                              capacity_factor=config.expert_capacity_factor, dtype=dtype)
+    return ring.to_zigzag(out, context), aux
   return layers.dense_ffn(p, x_BLD, config.ffn_activation, config.ffn_gated, dtype), jnp.zeros((), jnp.float32)
 
 

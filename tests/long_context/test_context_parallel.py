@@ -164,3 +164,21 @@ def test_context_not_dividing_the_length_is_one_line():
     jax.jit(lambda p, b: forward(p, b, GLM)).lower(params, batch)
   message = str(err.value)
   assert message.startswith("MeshConfig.context=4: the sequence length 28") and "\n" not in message
+
+
+def test_mixture_of_experts_with_overflowing_experts_equals_one_device():
+  """Expert capacity is handed out in token order: with experts that overflow (capacity factor
+  0.5 drops tokens), context = 2 / 4 must drop the same tokens as one device, not those of the
+  zig-zag order the layers see."""
+  config = dataclasses.replace(GLM, num_experts=4, experts_top_k=2, expert_capacity_factor=0.5)
+  batch = packed_glm_batch()
+  params = init_params(config, jax.random.key(7))
+  want_logits, want_grads = logits_and_grads(config, params, batch)
+  valid = batch["segment_ids"] != 0
+  for context in (2, 4):
+    mesh = make_mesh(MeshConfig(data=8 // context, context=context))
+    got_logits, got_grads = logits_and_grads(config, params, batch, mesh)
+    np.testing.assert_allclose(got_logits[valid], want_logits[valid], rtol=1e-5, atol=1e-5)
+    for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(got_grads)[0],
+                                 jax.tree.leaves(want_grads)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
