@@ -183,6 +183,18 @@ def _skip_if_masked(fn, q_seg, q_idx, k_seg, k_bidi, k_idx, zeros):
                       lambda _: zeros(), None)
 
 
+def _fold_unless_masked(acc, fn, q_seg, q_idx, k_seg, k_bidi, k_idx):
+  """`_combine(acc, fn())` when some (query, key) pair of the block may attend, else `acc`.
+
+  The skip branch passes the running stats through rather than returning a block of zeros: a
+  branch whose outputs depend only on the masks is loop-invariant in the model's layer scan, so
+  JAX's partial evaluation hoisted it out of the layers and kept its zero (o, m, l) of every
+  (ring step, key tile) as a stacked residual, [c, L / (c x block_k), b, L / c, H, d] float32 a
+  device (64 GiB at 128K over context 8 on TPU): per-device memory did not fall with context."""
+  return jax.lax.cond(jnp.any(_visible(q_seg, q_idx, k_seg, k_bidi, k_idx)),
+                      lambda a: _combine(a, fn()), lambda a: a, acc)
+
+
 def _combine(acc, new):
   """Online softmax: folds a block's (o, m, l) into the running (o, m, l)."""
   (o, m, l), (o_b, m_b, l_b) = acc, new
@@ -208,22 +220,23 @@ def _key_tile(j, size, *xs):
           + [jax.lax.dynamic_slice_in_dim(k_idx, j * size, size, axis=0)])
 
 
-def _block(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret, tile):
-  """A block's (o, m, l): in XLA over key tiles of `tile` rows (one tile's scores live at a time,
-  tiles with no visible pair skipped) when `interpret` is None, else the Pallas kernel on the
-  whole block (interpret mode or compiled), skipped when nothing in it is visible."""
+def _block(acc, q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5, scale, interpret, tile):
+  """The running (o, m, l) `acc` with a block folded in: in XLA over key tiles of `tile` rows
+  (one tile's scores live at a time, tiles with no visible pair skipped) when `interpret` is
+  None, else the Pallas kernel on the whole block (interpret mode or compiled), skipped when
+  nothing in it is visible."""
   if interpret is not None:
     fn = lambda: _block_pallas_forward(q5, k, v, q_seg, q_idx, k_seg, k_bidi, k_idx, slopes5,  # noqa: E731
                                        scale, interpret)
-    return _skip_if_masked(fn, q_seg, q_idx, k_seg, k_bidi, k_idx, lambda: _empty_stats(q5))
+    return _fold_unless_masked(acc, fn, q_seg, q_idx, k_seg, k_bidi, k_idx)
   size = _tile_size(k.shape[1], tile)
 
   def body(j, acc):
     kt, vt, segt, bidit, idxt = _key_tile(j, size, k, v, k_seg, k_bidi, k_idx)
     fn = lambda: _block_xla_remat(q5, kt, vt, q_seg, q_idx, segt, bidit, idxt, slopes5, scale)  # noqa: E731
-    return _combine(acc, _skip_if_masked(fn, q_seg, q_idx, segt, bidit, idxt, lambda: _empty_stats(q5)))
+    return _fold_unless_masked(acc, fn, q_seg, q_idx, segt, bidit, idxt)
 
-  return jax.lax.fori_loop(0, k.shape[1] // size, body, _empty_stats(q5))
+  return jax.lax.fori_loop(0, k.shape[1] // size, body, acc)
 
 
 def _local_grouped(q, k, slopes, context: int):
@@ -246,8 +259,9 @@ def _ring_forward(q, k, v, seg, bidi, slopes, context: int, scale: float, interp
     *stats, visiting = carry
     k_b, v_b, seg_b, bidi_b = visiting
     k_idx = _local_index((shard - t) % context, n, context)
-    new = _block(q5, k_b, v_b, seg, q_idx, seg_b, bidi_b, k_idx, slopes5, scale, interpret, tile)
-    return (*_combine(stats, new), tuple(_pass(x, context) for x in visiting))
+    stats = _block(tuple(stats), q5, k_b, v_b, seg, q_idx, seg_b, bidi_b, k_idx, slopes5, scale,
+                   interpret, tile)
+    return (*stats, tuple(_pass(x, context) for x in visiting))
 
   init = (*_empty_stats(q5), (k, v, seg, bidi))
   o, m, l, _ = jax.lax.fori_loop(0, context, step, init)  # c hops: the chunks end at home

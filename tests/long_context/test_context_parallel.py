@@ -4,6 +4,7 @@ boundaries, with GQA, ALiBi and 2D RoPE; a training step on a context x data mes
 one-device step; bad lengths are one line."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -182,3 +183,29 @@ def test_mixture_of_experts_with_overflowing_experts_equals_one_device():
     for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(got_grads)[0],
                                  jax.tree.leaves(want_grads)):
       np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_remat_layer_scan_keeps_no_per_block_ring_state():
+  """Issue #16: the gradient of the model (layers scanned, full remat) on a context mesh holds no
+  stack of the ring's per-(ring step, key tile) block stats. The old ring's skip branch (a block
+  of zeros, a function of the masks only) was hoisted out of the layer scan by JAX's partial
+  evaluation and every block's (o, m, l) kept, stacked: [c, tiles, b, L / c, kv, g, d] float32
+  a device, so per-device memory did not fall with the context size (on TPU, 64 GiB at 128K)."""
+  context, length = 4, 256
+  config = dataclasses.replace(GLM, max_length=length, remat_policy="nothing_saveable")
+  params = init_params(config, jax.random.key(0))
+  batch = packed_glm_batch()
+  batch = {k: np.tile(v, (1, length // LENGTH)) for k, v in batch.items()}
+
+  def objective(params):
+    return jnp.sum(forward(params, batch, config) ** 2)
+
+  mesh = make_mesh(MeshConfig(data=1, context=context), devices=jax.devices()[:context])
+  with activation_sharding(mesh, DEFAULT_RULES):
+    hlo = jax.jit(jax.grad(objective)).lower(params).compile().as_text()
+  local_q5 = (2, length // context, config.num_kv_heads, config.num_heads // config.num_kv_heads,
+              config.head_dim)
+  q5 = ",".join(map(str, local_q5))
+  stacked = re.findall(rf"f32\[(?:\d+,)+{q5}\]", hlo)  # one or more leading (step, tile) dims
+  assert not stacked, f"ring block stats stacked over steps / key tiles: {sorted(set(stacked))}"
+  assert re.search(rf"f32\[{q5}\]", hlo)  # the check reads the right shapes: the running o
