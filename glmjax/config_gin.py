@@ -29,6 +29,7 @@ from glmjax.trainer import CheckpointConfig, DataConfig, Experiment, OptimizerCo
 from glmjax.tuning.dpo import DpoConfig
 from glmjax.tuning.lora import LoraConfig
 from glmjax.tuning.prefix import PrefixConfig
+from glmjax.tuning.reward import RewardConfig
 
 CONFIG_CLASSES = {
     "ModelConfig": ModelConfig,
@@ -41,11 +42,12 @@ CONFIG_CLASSES = {
     "LoraConfig": LoraConfig,
     "DpoConfig": DpoConfig,
     "PrefixConfig": PrefixConfig,
+    "RewardConfig": RewardConfig,
 }
 _FIELD_OF = {"ModelConfig": "model", "MeshConfig": "mesh", "OptimizerConfig": "optimizer",
              "DataConfig": "data", "TrainerConfig": "trainer", "CheckpointConfig": "checkpoint",
              "DistributedConfig": "distributed", "LoraConfig": "lora",
-             "DpoConfig": "dpo", "PrefixConfig": "prefix"}
+             "DpoConfig": "dpo", "PrefixConfig": "prefix", "RewardConfig": "reward"}
 _configurables: dict = {}
 
 

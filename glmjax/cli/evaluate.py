@@ -39,6 +39,9 @@ Models imported from HuggingFace (tokenizer/tokenizer.json in the run) use that 
 score continuations appended to the context; GLM models (the GLM vocabulary) fill them into a
 [gMASK] / the pattern's [MASK] (--score_mode overrides). Results: a per-task and a per-cluster
 table (percent), and with --output the JSON (per-document log-likelihoods included).
+A reward-model run (RewardConfig.task set, glmjax.tuning.reward) is scored on preference pairs:
+pairwise_accuracy (share of pairs with r(chosen) > r(rejected)), mean_margin and bt_loss on its
+task's RewardConfig.eval_split (--tasks / --split override; --max_examples: pairs per task).
 Exit codes: 0 done, 2 bad arguments, tasks or checkpoint.
 """
 
@@ -47,8 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="glmjax eval", description=__doc__.split("\n\n")[0],
                               epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
   add_model_args(p)
-  p.add_argument("--tasks", required=True, help="comma-separated seqio task / mixture names")
-  p.add_argument("--split", default="validation")
+  p.add_argument("--tasks", default="", help="comma-separated seqio task / mixture names (required, "
+                 "except for a reward-model run: its RewardConfig.task by default)")
+  p.add_argument("--split", default=None,
+                 help="default: validation (a reward-model run: its RewardConfig.eval_split)")
   p.add_argument("--module", action="append", default=[],
                  help="Python module to import first (registers your tasks)")
   p.add_argument("--output", default=None, help="write the results as JSON here")
@@ -137,9 +142,67 @@ def _check_harness_args(args, names):
     raise common.BadInput(str(e).strip("'\"")) from e
 
 
+def _import_modules(modules) -> None:
+  for module in modules:
+    try:
+      importlib.import_module(module)
+    except ImportError as e:
+      raise common.BadInput(f"--module {module}: cannot import it ({e})") from e
+
+
+def _evaluate_reward(args, requested) -> int:
+  """A reward-model run (glmjax.tuning.reward): pairwise accuracy on preference tasks' held-out pairs."""
+  import seqio  # pylint: disable=import-outside-toplevel
+  from glmjax.evaluate import harness, runner  # pylint: disable=import-outside-toplevel
+  from glmjax.tasks import preference  # pylint: disable=import-outside-toplevel
+  from glmjax.tuning import reward  # pylint: disable=import-outside-toplevel
+  _import_modules(["glmjax.tasks"] + list(args.module))
+  preference.register_toy_task()
+  loaded = reward.load_reward_run(args.checkpoint, args.step,
+                                  log=lambda line: print(f"glmjax eval: {line}", file=sys.stderr))
+  config = loaded.experiment.reward
+  names = requested or [config.task]
+  for name in names:
+    if harness.is_harness_name(name):
+      raise common.BadInput(f"--tasks {name}: {loaded.directory} is a reward-model run; it scores "
+                            "preference tasks (prompt / chosen / rejected), e.g. its own "
+                            f"{config.task!r}")
+    if name not in seqio.TaskRegistry.names():
+      raise common.BadInput(f"--tasks: {name!r} is not a registered seqio task; register it in a "
+                            "module passed with --module")
+    features = set(seqio.get_mixture_or_task(name).output_features)
+    if not set(preference.FIELDS) <= features:
+      raise common.BadInput(f"--tasks: {name!r} is not a preference task (features {sorted(features)}, "
+                            f"a reward model needs {list(preference.FIELDS)})")
+  if args.batch_size < 2 or args.batch_size % 2:
+    raise common.BadInput(f"--batch_size {args.batch_size}: a reward model scores (chosen, rejected) "
+                          "rows in pairs; give an even number >= 2")
+  split = args.split or config.eval_split
+  with loaded.sharding_context():
+    results = runner.evaluate_reward(
+        loaded.params, loaded.config, names, split=split,
+        sequence_length=args.sequence_length or min(loaded.experiment.data.sequence_length,
+                                                    loaded.config.max_length),
+        pairs_per_batch=args.batch_size // 2, style=config.style, max_pairs=args.max_examples,
+        log=lambda line: print(line, file=sys.stderr))
+  results = dict(results, checkpoint=loaded.directory, step=loaded.step)
+  print(runner.format_table(results))
+  if args.output:
+    runner.write_json(results, args.output)
+    print(f"results written to {args.output}")
+  return 0
+
+
 def _evaluate(args) -> int:
   common.check_output_file(args.output, "--output")
   requested = [n.strip() for n in args.tasks.split(",") if n.strip()]
+  from glmjax.tuning import reward  # pylint: disable=import-outside-toplevel
+  if reward.is_reward_run(args.checkpoint, args.step):
+    return _evaluate_reward(args, requested)
+  if not requested:
+    raise common.BadInput("--tasks is required: comma-separated seqio task / mixture names "
+                          "(or harness: / cloze: tasks)")
+  args.split = args.split or "validation"
   from glmjax.evaluate import harness  # pylint: disable=import-outside-toplevel
   real = [n for n in requested if harness.is_harness_name(n)]
   if real:
@@ -155,11 +218,7 @@ def _evaluate(args) -> int:
       print(f"results written to {args.output}")
     return 0
   from glmjax.evaluate import runner  # pylint: disable=import-outside-toplevel
-  for module in ["glmjax.tasks"] + list(args.module):
-    try:
-      importlib.import_module(module)
-    except ImportError as e:
-      raise common.BadInput(f"--module {module}: cannot import it ({e})") from e
+  _import_modules(["glmjax.tasks"] + list(args.module))
   names = runner.expand_tasks(requested)
   loaded, generator = text_generator(args, "glmjax eval")
   if args.batch_size % generator.batch_multiple:

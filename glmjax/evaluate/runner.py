@@ -264,12 +264,29 @@ def evaluate(generator, task_names: Sequence[str], config: EvalConfig = EvalConf
   return {"split": config.split, "tasks": per_task, "average": average(per_task)}
 
 
+def evaluate_reward(params, model_config, task_names: Sequence[str], *, split: str, sequence_length: int,
+                    pairs_per_batch: int, style: str, max_pairs: int = 0, log=None) -> dict:
+  """A reward model ({"model", "head"} params, glmjax.tuning.reward) on preference tasks: per task
+  the share of `split`'s pairs with r(chosen) > r(rejected) (`pairwise_accuracy`, ties wrong), the
+  mean margin and Bradley-Terry loss; same layout as `evaluate` (tasks, average)."""
+  from glmjax.tuning import reward  # pylint: disable=import-outside-toplevel
+  per_task = {}
+  for name in task_names:
+    per_task[name] = reward.eval_record(params, model_config, name, split, sequence_length=sequence_length,
+                                        pairs_per_batch=pairs_per_batch, style=style, max_pairs=max_pairs)
+    if log is not None:
+      log(f"{name}: {_summary(per_task[name])}")
+  average_of = {n: {k: v for k, v in r.items() if k not in ("pairs", "ties", "dropped", "truncated")}
+                for n, r in per_task.items()}
+  return {"split": split, "tasks": per_task, "average": average(average_of)}
+
+
 def _summary(result: dict) -> str:
   return ", ".join(f"{k} {v:.4g}" for k, v in result.items() if isinstance(v, float))
 
 
 TABLE_METRICS = ("accuracy", "exact_match", "nll", "perplexity", "unigram_nll", "unigram_oracle_nll",
-                 "unigram_accuracy", "answer_stated")
+                 "unigram_accuracy", "answer_stated", "pairwise_accuracy", "mean_margin", "bt_loss")
 
 
 def format_table(results: dict) -> str:

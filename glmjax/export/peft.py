@@ -1,6 +1,6 @@
 """LoRA adapters in the PEFT format: `adapter_config.json` + `adapter_model.safetensors`.
 
-    save_adapters(lora_params, config, "runs/x-adapter")      # peft.PeftModel.from_pretrained loads it
+    save_adapters(lora_params, config, "runs/x-adapter", lora_dropout=lora.dropout)  # PeftModel loads it
     lora_config, lora_params = load_adapters("dir", base_params, config)
 
 PEFT's LoRA layer computes y = W x + (lora_alpha / r) lora_B(lora_A(x)), with torch.nn.Linear
@@ -15,6 +15,9 @@ with others in the target (GLM-4's gate_up_proj, GPT-NeoX's query_key_value) has
 equivalent of separate adapters and is refused with the LoraConfig.targets to drop.
 
 Keys are PEFT's saved names, `base_model.model.<module>.lora_A.weight` (no adapter name).
+`lora_dropout` (LoraConfig.dropout: PEFT's dropout on the adapter input, train mode only) is not
+in the weights; save_adapters writes the rate it is given into adapter_config.json and
+load_adapters reads it back into the LoraConfig it returns.
 """
 
 from __future__ import annotations
@@ -89,18 +92,23 @@ def _lora_leaves(params: dict) -> dict:
   return out
 
 
-def adapter_config(rank: int, alpha: float, modules: list, base: Optional[str]) -> dict:
+def adapter_config(rank: int, alpha: float, modules: list, base: Optional[str],
+                   lora_dropout: float = 0.0) -> dict:
   return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha,
-          "lora_dropout": 0.0, "target_modules": sorted(modules), "bias": "none",
+          "lora_dropout": lora_dropout, "target_modules": sorted(modules), "bias": "none",
           "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "inference_mode": True,
           "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
           "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base}
 
 
 def save_adapters(params: dict, config: ModelConfig, out_dir: str, *, target: str = "auto",
-                  base_model_name_or_path: Optional[str] = None) -> list[str]:
-  """Writes the LoraWeight adapters of `params` as a PEFT LoRA adapter folder; returns the file names."""
+                  base_model_name_or_path: Optional[str] = None, lora_dropout: float = 0.0) -> list[str]:
+  """Writes the LoraWeight adapters of `params` as a PEFT LoRA adapter folder (`lora_dropout`:
+  the run's LoraConfig.dropout, written to adapter_config.json); returns the file names."""
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  if isinstance(lora_dropout, bool) or not (isinstance(lora_dropout, (int, float))
+                                            and 0.0 <= lora_dropout < 1.0):
+    raise ValueError(f"lora_dropout={lora_dropout!r} must be in [0, 1) (LoraConfig.dropout)")
   chosen = targets_lib.select(config, target)
   single, fused = projection_maps(config, chosen)
   leaves = {k: jax.device_get(v) for k, v in _lora_leaves(params).items()}
@@ -133,8 +141,8 @@ def save_adapters(params: dict, config: ModelConfig, out_dir: str, *, target: st
   os.makedirs(out_dir, exist_ok=True)
   save_file(tensors, os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
   with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(adapter_config(rank, float(scale * rank), sorted(modules), base_model_name_or_path), f,
-              indent=2)
+    json.dump(adapter_config(rank, float(scale * rank), sorted(modules), base_model_name_or_path,
+                             float(lora_dropout)), f, indent=2)
   return [CONFIG_FILE, WEIGHTS_FILE]
 
 
@@ -154,12 +162,16 @@ def _read_config(adapter_dir: str) -> dict:
       raise ValueError(f"{path}: {field} (per-module ranks) is not supported")
   if cfg.get("bias", "none") != "none" or cfg.get("modules_to_save"):
     raise ValueError(f"{path}: bias / modules_to_save train base weights; only adapters import")
+  dropout = cfg.get("lora_dropout") or 0.0
+  if isinstance(dropout, bool) or not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+    raise ValueError(f"{path}: lora_dropout={cfg.get('lora_dropout')!r} is not a rate in [0, 1)")
   return cfg
 
 
 def load_adapters(adapter_dir: str, params: dict, config: ModelConfig, *,
                   target: str = "auto") -> tuple[lora_lib.LoraConfig, dict]:
-  """(LoraConfig, LoRA params) from a PEFT LoRA folder onto plain base `params` of `config`."""
+  """(LoraConfig, LoRA params) from a PEFT LoRA folder onto plain base `params` of `config`; the
+  LoraConfig carries the folder's r, lora_alpha, target modules and lora_dropout."""
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   cfg = _read_config(adapter_dir)
   chosen = targets_lib.select(config, target)
@@ -179,7 +191,8 @@ def load_adapters(adapter_dir: str, params: dict, config: ModelConfig, *,
                        f"{chosen.architecture}")
     found.setdefault(by_module[module], {})[kind] = value
   names = sorted({name for name, _ in found})
-  lora = lora_lib.LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=tuple(names))
+  lora = lora_lib.LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), targets=tuple(names),
+                             dropout=float(cfg.get("lora_dropout") or 0.0))
   specs = lora_lib.lora_specs(config, lora)
   stacked = {}
   for name in names:

@@ -36,6 +36,7 @@ from glmjax.trainer.step import StepConfig, TrainProgram
 from glmjax.tuning import dpo as dpo_lib
 from glmjax.tuning import lora as lora_lib
 from glmjax.tuning import prefix as prefix_lib
+from glmjax.tuning import reward as reward_lib
 
 log_ = logging.getLogger("glmjax.train")
 
@@ -67,6 +68,7 @@ class Experiment:
   lora: lora_lib.LoraConfig = lora_lib.LoraConfig()  # rank 0: full fine-tuning / pretraining
   dpo: dpo_lib.DpoConfig = dpo_lib.DpoConfig()  # task "": no DPO
   prefix: prefix_lib.PrefixConfig = prefix_lib.PrefixConfig()  # pre_seq_len 0: no P-Tuning v2
+  reward: reward_lib.RewardConfig = reward_lib.RewardConfig()  # task "": no reward model
 
 
 @dataclasses.dataclass
@@ -158,6 +160,11 @@ def _tuning(experiment: Experiment, seqio_data: bool):
   if prefix is not None and experiment.dpo.task:
     raise ValueError("DpoConfig.task with PrefixConfig.pre_seq_len is not supported; DPO runs on LoRA "
                      "(LoraConfig.rank) or a full fine-tune")
+  if experiment.reward.task:  # a reward model: {"model", "head"} params, around LoRA or the full model
+    if experiment.dpo.task or prefix is not None:
+      raise ValueError("RewardConfig.task goes with LoRA (LoraConfig.rank) or a full fine-tune, not with "
+                       "DpoConfig.task or PrefixConfig.pre_seq_len")
+    return reward_lib.tuning_for(experiment.model, experiment.reward, lora)
   return lora or prefix
 
 
@@ -244,6 +251,8 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   step_fn = program.train_step
   if experiment.dpo.task:  # DPO on preference pairs (glmjax.tuning.dpo) instead of the LM mixture
     step_fn, train_data = dpo_lib.train_hooks(program, experiment)
+  elif experiment.reward.task:  # a Bradley-Terry reward model on preference pairs (glmjax.tuning.reward)
+    step_fn, train_data = reward_lib.train_hooks(program, experiment)
   if train_data is None:
     stream = data_lib.train_stream(experiment.data, pid, nproc, model=experiment.model)
     host_rows = lambda b: b  # noqa: E731

@@ -113,3 +113,59 @@ def test_not_an_adapter_folder_is_one_line(base, tmp_path):
   with pytest.raises(ValueError, match="adapter_config.json") as info:
     peft_io.load_adapters(str(tmp_path), base[0], CONFIG)
   assert "\n" not in str(info.value)
+
+
+def test_lora_dropout_goes_into_adapter_config_and_back(base, tmp_path):
+  """LoraConfig.dropout is written as adapter_config.json's lora_dropout: real peft builds its
+  Dropout(p) from it, and load_adapters reads it back; an adapter peft saves with a rate imports
+  with that rate."""
+  params, base_dir = base
+  adapted = _with_random_adapters(params, LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv")))
+  out = str(tmp_path / "adapter")
+  peft_io.save_adapters(adapted, CONFIG, out, base_model_name_or_path=base_dir, lora_dropout=0.1)
+  with open(os.path.join(out, "adapter_config.json"), encoding="utf-8") as f:
+    assert json.load(f)["lora_dropout"] == 0.1
+  model = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+  model = peft.PeftModel.from_pretrained(model, out)
+  assert model.peft_config["default"].lora_dropout == 0.1
+  q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+  assert isinstance(q_proj.lora_dropout["default"], torch.nn.Dropout) and q_proj.lora_dropout["default"].p == 0.1
+  lora, _ = peft_io.load_adapters(out, params, CONFIG)
+  assert lora == LoraConfig(rank=4, alpha=8.0, targets=("wq", "wv"), dropout=0.1)
+
+  made = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                             peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.05, target_modules=["v_proj"],
+                                             task_type="CAUSAL_LM"))
+  made.save_pretrained(str(tmp_path / "from_peft"))
+  lora, _ = peft_io.load_adapters(str(tmp_path / "from_peft"), params, CONFIG)
+  assert lora.dropout == 0.05 and lora.targets == ("wv",)
+  with pytest.raises(ValueError, match="lora_dropout"):
+    peft_io.save_adapters(adapted, CONFIG, str(tmp_path / "bad"), lora_dropout=1.0)
+
+
+def test_a_peft_adapter_imports_onto_an_imported_base(tmp_path):
+  """The issue's import direction end to end: a LLaMA made by transformers itself (not a glmjax
+  export), imported by glmjax.export.from_huggingface; a peft adapter with random B on it
+  (init_lora_weights=False); load_adapters puts the adapter on the imported params, and glmjax's logits are peft's."""
+  from glmjax.export import from_huggingface
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                       tie_word_embeddings=False)
+  base_dir = str(tmp_path / "hf_base")
+  transformers.LlamaForCausalLM(hf_config).save_pretrained(base_dir)
+  params, config = from_huggingface(base_dir)
+  model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32),
+                              peft.LoraConfig(r=3, lora_alpha=6, lora_dropout=0.1, init_lora_weights=False,
+                                              target_modules=["q_proj", "k_proj", "o_proj", "up_proj"],
+                                              task_type="CAUSAL_LM"))
+  adapter_dir = str(tmp_path / "adapter")
+  model.save_pretrained(adapter_dir)
+  lora, adapted = peft_io.load_adapters(adapter_dir, params, config)
+  assert lora == LoraConfig(rank=3, alpha=6.0, targets=("w_up", "wk", "wo", "wq"), dropout=0.1)
+  tokens = random_tokens(config.vocab_size, (2, 9))
+  model.eval()
+  with torch.no_grad():
+    theirs = model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+  np.testing.assert_allclose(jax_logits(adapted, config, tokens), theirs, atol=TOLERANCE, rtol=0)
+  assert np.abs(theirs - hf_logits(base_dir, tokens)).max() > 1e-3  # the adapter matters

@@ -107,3 +107,101 @@ def test_pairwise_accuracy_refuses_ids_past_the_vocabulary():
   task = preference.register_toy_task()  # default vocabulary (8192 ids) against a 64-id model
   with pytest.raises(ValueError, match="vocab"):
     reward.pairwise_accuracy(_params(), CONFIG, task, "validation", sequence_length=48, max_pairs=2)
+
+
+def test_wrapped_optimizer_reads_the_model_names_and_keeps_its_state_nested():
+  """On {"model", "head"} params the run's optimizer (AdamW, weight decay off for embeddings and
+  norms by name) updates the model part exactly as it updates the model alone, and its state is
+  nested like the params, so on an fsdp x tensor mesh the Adam moments take the params' shardings."""
+  from glmjax import sharding as shd
+  from glmjax.trainer.optim import OptimizerConfig, make_optimizer
+  from glmjax.trainer.step import TrainProgram
+  opt_config = OptimizerConfig(name="adamw", learning_rate=1e-2, weight_decay=0.5, schedule="constant",
+                               warmup_steps=0)
+  optimizer, _ = make_optimizer(opt_config, 10)
+  model = init_params(CONFIG, jax.random.PRNGKey(0))
+  params = {"model": model, "head": reward.init_head(CONFIG, jax.random.PRNGKey(1))}
+  rng = np.random.default_rng(0)
+  grads = jax.tree.map(lambda x: rng.standard_normal(x.shape).astype(np.float32), params)
+  grads["head"] = jax.tree.map(np.zeros_like, grads["head"])  # same global norm as the model's alone
+  wrapped = reward.wrap_optimizer(optimizer, train_base=True)
+  updates, _ = wrapped.update(grads, wrapped.init(params), params)
+  alone, _ = optimizer.update(grads["model"], optimizer.init(model), model)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), updates["model"], alone)
+  # a zero gradient leaves the embedding alone (no decay), a matrix decays
+  zero = jax.tree.map(np.zeros_like, params)
+  updates, _ = wrapped.update(zero, wrapped.init(params), params)
+  assert not np.any(np.asarray(updates["model"]["embed"]["embedding"]))
+  assert np.all(np.asarray(updates["model"]["layers"]["attn"]["wq"]) != 0)
+
+  from glmjax.sharding import MeshConfig
+  program = TrainProgram(CONFIG, opt_config, MeshConfig(data=1, fsdp=4, tensor=2), num_steps=10,
+                         global_batch_size=8, tuning=reward.RewardTuning(CONFIG, reward.RewardConfig(task="x")))
+  opt_shardings = program.state_shardings["opt_state"]
+  mu = [s for s in jax.tree.leaves(opt_shardings, is_leaf=lambda x: isinstance(x, dict) and "model" in x)
+        if isinstance(s, dict)]
+  assert mu, "no nested params tree in the optimizer state"
+  want = shd.param_shardings(CONFIG, program.mesh, program.rules)["layers"]["attn"]["wq"]
+  assert want.spec != jax.sharding.PartitionSpec()
+  assert all(m["model"]["layers"]["attn"]["wq"] == want for m in mu)
+
+
+def test_reward_config_refuses_bad_combinations():
+  from glmjax.trainer import loop
+  from glmjax.tuning.dpo import DpoConfig
+  with pytest.raises(ValueError, match="RewardConfig.style"):
+    reward.validate(reward.RewardConfig(task="x", style="chat"))
+  with pytest.raises(ValueError, match="LoraConfig.base_checkpoint"):
+    reward.RewardTuning(CONFIG, reward.RewardConfig(task="x", base_checkpoint="runs/base"),
+                        lora_lib.LoraTuning(CONFIG, LoraConfig(rank=2)))
+  experiment = loop.Experiment(model=CONFIG, reward=reward.RewardConfig(task="x"), dpo=DpoConfig(task="y"))
+  with pytest.raises(ValueError, match="RewardConfig.task goes with LoRA"):
+    loop._tuning(experiment, seqio_data=False)  # pylint: disable=protected-access
+
+
+def _reward_program(lora):
+  from glmjax.sharding import MeshConfig
+  from glmjax.trainer.optim import OptimizerConfig
+  from glmjax.trainer.step import TrainProgram
+  tuning = reward.RewardTuning(CONFIG, reward.RewardConfig(task="x"), lora_lib.LoraTuning(CONFIG, lora))
+  program = TrainProgram(CONFIG, OptimizerConfig(learning_rate=1e-2, schedule="constant", warmup_steps=0,
+                                                 weight_decay=0.0),
+                         MeshConfig(data=-1), num_steps=10, global_batch_size=8, devices=jax.devices()[:1],
+                         tuning=tuning)
+  return program, reward.RewardProgram(program)
+
+
+def test_reward_step_with_lora_dropout_draws_masks_from_the_state_rng():
+  """LoraConfig.dropout reaches the reward step: its loss is not the no-dropout objective's, and
+  it is the objective on lora.dropout_view(params, fold_in(rng, step)), the LM step's masks."""
+  program, steps = _reward_program(LoraConfig(rank=4, alpha=8.0, targets=("all",), dropout=0.5))
+  state = program.init_state(0)
+  state["params"]["model"] = jax.tree.map(  # non-zero B so the adapters (and their dropout) matter
+      lambda x: lora_lib.LoraWeight(x.base, x.a, 0.3 * jax.random.normal(jax.random.PRNGKey(3), x.b.shape),
+                                    x.scale, x.in_ndim) if lora_lib.is_lora(x) else x,
+      state["params"]["model"], is_leaf=lora_lib.is_lora)
+  batch = pair_batch(4, seed=2)
+  params, key = jax.device_get(state["params"]), jax.random.fold_in(state["rng"], state["step"])
+  plain = float(reward.objective(params, batch, CONFIG)[0])
+  dropped = {**params, "model": lora_lib.dropout_view(params["model"], key, 0.5)}
+  want = float(reward.objective(dropped, batch, CONFIG)[0])
+  _, metrics = steps.train_step(state, batch)
+  assert abs(want - plain) > 1e-4
+  np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-5)
+
+
+def test_reward_step_on_a_qlora_base_keeps_it_quantized():
+  from glmjax.tuning import quant
+  program, steps = _reward_program(LoraConfig(rank=4, alpha=8.0, targets=("all",), quantize="nf4"))
+  state = program.init_state(0)
+  codes = np.asarray(state["params"]["model"]["layers"]["attn"]["wq"].base.codes)
+  head = np.asarray(state["params"]["head"]["kernel"])
+  batch = pair_batch(4, seed=3)
+  losses = []
+  for _ in range(3):
+    state, metrics = steps.train_step(state, batch)
+    losses.append(float(metrics["loss"]))
+  wq = state["params"]["model"]["layers"]["attn"]["wq"]
+  assert quant.is_quantized(wq.base) and all(np.isfinite(losses)) and losses[-1] < losses[0]
+  np.testing.assert_array_equal(np.asarray(wq.base.codes), codes)
+  assert np.any(np.asarray(wq.b) != 0) and np.any(np.asarray(state["params"]["head"]["kernel"]) != head)
