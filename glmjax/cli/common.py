@@ -155,6 +155,11 @@ def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
 def load_checkpoint_params(args, prog: str):
   """glmjax.run.load.load_params for --checkpoint / --step, reporting skipped steps on stderr."""
   from glmjax.run.load import load_params  # pylint: disable=import-outside-toplevel
+  from glmjax.tuning import reward  # pylint: disable=import-outside-toplevel
+  if reward.is_reward_run(args.checkpoint, args.step):
+    # Its params are {"model", "head"}: a scalar head, not a language model to sample or export.
+    raise BadInput(f"--checkpoint {args.checkpoint}: a reward-model run (RewardConfig.task set); "
+                   f"{prog} needs a language-model run, score this one with glmjax eval --checkpoint")
   loaded = load_params(args.checkpoint, args.step, log=lambda line: print(f"{prog}: {line}", file=sys.stderr))
   prefix = loaded.experiment.prefix
   if prefix.enabled and prog != "glmjax generate":

@@ -157,8 +157,10 @@ def test_lora_checkpoint_holds_adapters_and_head_and_names_the_base(runs):
   assert sorted(p for p in paths if not p.startswith("model/")) == ["head/bias", "head/kernel"]
   assert len(adapters) == 2 * 7 and all(p.endswith(("/a", "/b")) for p in adapters), paths
   info = load_lib.Workdir(runs["straight"]).run_info(LORA_STEPS)
-  assert f"LoraConfig.base_checkpoint = '{runs['base']}'" in info["gin"]
-  assert f"RewardConfig.task = '{TASK}'" in info["gin"]
+  gin_text = info["gin"].replace("\\\n", " ")  # gin wraps long lines with a backslash
+  gin_text = " ".join(gin_text.split())
+  assert f"LoraConfig.base_checkpoint = '{runs['base']}'" in gin_text
+  assert f"RewardConfig.task = '{TASK}'" in gin_text
   # loaded back: the base run's weights bit for bit under trained adapters
   base = load_lib.load_params(runs["base"])
   loaded = reward.load_reward_run(runs["straight"])
@@ -197,6 +199,19 @@ def test_eval_refuses_what_a_reward_run_cannot_score(runs, capsys):
   assert "even" in capsys.readouterr().err
   assert eval_cli.main(["--checkpoint", runs["base"]]) == 2  # not a reward run: --tasks needed
   assert "--tasks is required" in capsys.readouterr().err
+
+
+def test_generate_and_export_refuse_a_reward_run_in_one_line(runs, capsys, tmp_path):
+  """A reward run's params are a decoder plus a scalar head: generate / export say so (exit 2,
+  one line naming --checkpoint) and write nothing."""
+  from glmjax.cli import export as export_cli, generate as generate_cli  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "hf"
+  for main, argv in ((generate_cli.main, ["--checkpoint", runs["full"], "--prompt", "To be"]),
+                     (export_cli.main, ["--checkpoint", runs["full"], "--out", str(out)])):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--checkpoint" in err[0] and "reward-model run" in err[0], err
+  assert not out.exists()
 
 
 def test_bad_reward_options_exit_2_in_one_line(tmp_path, capsys, monkeypatch):
