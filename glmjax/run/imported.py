@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from typing import Sequence
@@ -52,8 +53,15 @@ def write_imported_run(params: dict, config, out_dir: str, model_gin_text: str, 
     finally:
       config_gin.clear()
     check_same_shapes(experiment.model, config)
-    program = TrainProgram(experiment.model, experiment.optimizer, experiment.mesh,
-                           num_steps=experiment.trainer.num_steps, global_batch_size=jax.device_count())
+    # A checkpoint does not depend on the mesh that wrote it (a run restores it onto its own), so
+    # the state is built on one device: one copy of params + optimizer state in memory, not one
+    # per device of the experiment's (data-parallel, replicating) mesh.
+    program = TrainProgram(experiment.model, experiment.optimizer,
+                           dataclasses.replace(experiment.mesh, data=1, fsdp=1, stage=1, context=1,
+                                               tensor=1, expert=1, dcn_data=1, dcn_fsdp=1,
+                                               pipeline_schedule="gpipe", pipeline_repeats=1),
+                           num_steps=experiment.trainer.num_steps, global_batch_size=1,
+                           devices=jax.devices()[:1])
     with program.sharding_context():
       placed = jax.device_put(params, program.param_shardings)
       build = jax.jit(lambda p, rng: new_state(p, program.optimizer.init(p), rng),
