@@ -100,7 +100,10 @@ def load_params(path: str, step: Optional[int] = None, *, devices: Optional[Sequ
       mesh_config = inference_mesh_config(experiment.mesh, len(devices))
       mesh = shd.make_mesh(mesh_config, devices)
       rules = shd.normalise_rules(mesh_config.rules)
-      if experiment.lora.enabled:  # the checkpoint holds adapters only: base read again, merged
+      if experiment.reward.task:  # a reward model: {"model", "head"} (glmjax.tuning.reward)
+        from glmjax.tuning import reward as reward_lib  # pylint: disable=import-outside-toplevel
+        params = reward_lib.restore_reward_params(workdir.checkpoints, candidate, experiment, mesh, rules)
+      elif experiment.lora.enabled:  # the checkpoint holds adapters only: base read again, merged
         from glmjax.tuning import lora as lora_lib  # pylint: disable=import-outside-toplevel
         params = lora_lib.load_merged(workdir.checkpoints, candidate, experiment, mesh, rules)
       elif experiment.prefix.enabled:  # P-Tuning v2: the base again, the checkpoint's prefix on it

@@ -393,28 +393,9 @@ def restore_reward_params(checkpoints_dir: str, step: int, experiment, mesh, rul
 def load_reward_run(path: str, step: Optional[int] = None, *, devices=None, log=None):
   """glmjax.run.load.load_params for a reward run: a LoadedParams whose params are {"model",
   "head"} (newest readable step unless `step`; unreadable newer steps skipped with a `log` line)."""
-  from glmjax import sharding as shd  # pylint: disable=import-outside-toplevel
   from glmjax.run import load as load_lib  # pylint: disable=import-outside-toplevel
-  from glmjax.run.directory import UnreadableCheckpoint, Workdir  # pylint: disable=import-outside-toplevel
-  workdir = Workdir(path)
-  devices = list(jax.devices() if devices is None else devices)
-  skipped = []
-  for candidate in workdir.select_step(step):
-    try:
-      experiment = load_lib.run_experiment(workdir, candidate)
-      if not experiment.reward.task:
-        raise ValueError(f"{workdir.path} step {candidate} is not a reward-model run (RewardConfig.task unset)")
-      mesh_config = load_lib.inference_mesh_config(experiment.mesh, len(devices))
-      mesh = shd.make_mesh(mesh_config, devices)
-      rules = shd.normalise_rules(mesh_config.rules)
-      params = restore_reward_params(workdir.checkpoints, candidate, experiment, mesh, rules)
-    except UnreadableCheckpoint as e:
-      if step is not None:
-        raise ValueError(f"--step {step} of {workdir.path} is unreadable ({e}); pick another step") from e
-      skipped.append(f"step {candidate}: {e}")
-      if log is not None:
-        log(f"skipping unreadable checkpoint step {candidate} ({e})")
-      continue
-    return load_lib.LoadedParams(params=params, config=experiment.model, experiment=experiment, mesh=mesh,
-                                 rules=rules, step=candidate, workdir=workdir, skipped=skipped)
-  raise ValueError(f"no readable checkpoint in {workdir.checkpoints} ({'; '.join(skipped)})")
+  loaded = load_lib.load_params(path, step, devices=devices, log=log)
+  if not loaded.experiment.reward.task:
+    raise ValueError(f"{loaded.workdir.path} step {loaded.step} is not a reward-model run "
+                     "(RewardConfig.task unset)")
+  return loaded
