@@ -185,11 +185,16 @@ def _evaluate_reward(args, requested) -> int:
                                                     loaded.config.max_length),
         pairs_per_batch=args.batch_size // 2, style=config.style, max_pairs=args.max_examples,
         log=lambda line: print(line, file=sys.stderr))
-  results = dict(results, checkpoint=loaded.directory, step=loaded.step)
+  return _report(dict(results, checkpoint=loaded.directory, step=loaded.step), args.output)
+
+
+def _report(results: dict, output) -> int:
+  """The results table on stdout and, with --output, the JSON file."""
+  from glmjax.evaluate import runner  # pylint: disable=import-outside-toplevel
   print(runner.format_table(results))
-  if args.output:
-    runner.write_json(results, args.output)
-    print(f"results written to {args.output}")
+  if output:
+    runner.write_json(results, output)
+    print(f"results written to {output}")
   return 0
 
 
@@ -232,12 +237,7 @@ def _evaluate(args) -> int:
       unigram_batches=args.unigram_batches, length_normalize=args.length_normalize,
       score_eop=args.score_eop, generation=options_from_args(args))
   results = runner.evaluate(generator, names, config, log=lambda line: print(line, file=sys.stderr))
-  results = dict(results, checkpoint=loaded.directory, step=loaded.step)
-  print(runner.format_table(results))
-  if args.output:
-    runner.write_json(results, args.output)
-    print(f"results written to {args.output}")
-  return 0
+  return _report(dict(results, checkpoint=loaded.directory, step=loaded.step), args.output)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
