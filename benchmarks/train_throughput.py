@@ -112,10 +112,10 @@ def random_tokens(i: int):
   return np.random.default_rng(1234 + i).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
 
 
-def child_glmjax(args) -> None:
+def glmjax_program(args):
+  """The glmjax llama-small TrainProgram the "glmjax" and "matmul_step" children run."""
   sys.path.insert(0, args.code or REPO)  # --code: another checkout's glmjax (@rev=), this harness
   import jax
-  import numpy as np
 
   from glmjax.model import presets
   from glmjax.sharding import MeshConfig
@@ -126,15 +126,26 @@ def child_glmjax(args) -> None:
   assert abs(glmjax_flops(config, SEQ) - flops_per_token()) < 1.0, "FLOPs formula differs from the peers'"
   optimizer = OptimizerConfig(learning_rate=3e-4, schedule="constant", b1=0.9, b2=0.95, eps=1e-8,
                               weight_decay=0.1, grad_clip_norm=1.0)
-  program = TrainProgram(config, optimizer, MeshConfig(data=1), num_steps=1000, global_batch_size=BATCH,
-                         step_config=StepConfig(), devices=jax.devices()[:1])
+  return TrainProgram(config, optimizer, MeshConfig(data=1), num_steps=1000, global_batch_size=BATCH,
+                      step_config=StepConfig(), devices=jax.devices()[:1])
+
+
+def glmjax_host_batch(i: int) -> dict:
+  import numpy as np
+  tokens = random_tokens(i)
+  return {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((BATCH, SEQ), np.float32)}
+
+
+def child_glmjax(args) -> None:
+  import jax
+
+  program = glmjax_program(args)
   t0 = time.perf_counter()
   state = {"s": program.init_state(0)}
   init_s = time.perf_counter() - t0
 
   def step(i):
-    tokens = random_tokens(i)
-    host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((BATCH, SEQ), np.float32)}
+    host = glmjax_host_batch(i)
     if args.fields == "all":  # every optional field written out, as the trainer's data pipeline does
       from glmjax.model import batch as batch_lib  # pylint: disable=import-outside-toplevel
       host = batch_lib.with_defaults(host)
@@ -147,13 +158,70 @@ def child_glmjax(args) -> None:
   extra = dict(remat=args.remat, attention=args.attention, init_s=init_s,
                xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)
   if args.profile:
-    tokens = random_tokens(0)
-    host = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((BATCH, SEQ), np.float32)}
-    batch = program.global_batch(host)
-    with program.sharding_context():
-      hlo = program._step.lower(program.abstract_state(), batch).compile().as_text()  # pylint: disable=protected-access
-    extra["profile"] = profile_breakdown(lambda: step(args.warmup + args.steps), hlo)
+    extra["profile"] = profile_breakdown(lambda: step(args.warmup + args.steps), compiled_step_hlo(program))
   result_line(_summary("glmjax", times, losses, refs, args.warmup, extra))
+
+
+def compiled_step_hlo(program) -> str:
+  """The optimized HLO text of the program's train step (what XLA runs)."""
+  batch = program.global_batch(glmjax_host_batch(0))
+  with program.sharding_context():
+    return program._step.lower(program.abstract_state(), batch).compile().as_text()  # pylint: disable=protected-access
+
+
+def step_dots_replica(dots: list):
+  """A jitted function running every dot of `dots` (glmjax.aot.parse_dots of a step) `count`
+  times, one after the other and nothing else: the time the step's own matmuls take alone.
+
+  Each signature's dots run in a `fori_loop` (operands random, one pair per signature) whose
+  right operand's first element is replaced, in place, by 0 * the previous output's first
+  element: every dot depends on the one before it, so none is hoisted, merged (CSE) or
+  overlapped with another, and a loop's output is carried out whole. Returns (fn, operands)."""
+  import jax
+  import jax.numpy as jnp
+  from jax import lax
+
+  key = jax.random.PRNGKey(0)
+  operands = []
+  for i, dot in enumerate(dots):
+    k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+    dtype = {"f32": jnp.float32, "bf16": jnp.bfloat16}[dot["dtype"]]
+    operands.append((jax.random.normal(k1, dot["lhs"], dtype), jax.random.normal(k2, dot["rhs"], dtype)))
+
+  def run_all(operands):
+    link = jnp.zeros((), jnp.float32)  # the previous dot's first output element, times 0
+    outs = []
+    for dot, (lhs, rhs) in zip(dots, operands):
+      numbers = ((dot["lhs_contracting"], dot["rhs_contracting"]), (dot["lhs_batch"], dot["rhs_batch"]))
+      first = (0,) * rhs.ndim
+
+      def body(_, carry, lhs=lhs, numbers=numbers, first=first):
+        rhs, link = carry
+        rhs = rhs.at[first].set(rhs[first] + 0.0 * link.astype(rhs.dtype))
+        out = lax.dot_general(lhs, rhs, numbers)
+        return rhs, out.reshape(-1)[0].astype(jnp.float32) + 0.0 * jnp.sum(out[(0,) * (out.ndim - 1)])
+
+      _, link = lax.fori_loop(0, dot["count"], body, (rhs, link))
+      outs.append(link)
+    return link
+
+  return jax.jit(run_all), operands
+
+
+def child_matmul_step(args) -> None:
+  """The glmjax step's own dots alone (step_dots_replica of its compiled HLO): the matmul limit
+  of this workload on this machine at the step's shapes, to pair with the glmjax step."""
+  sys.path.insert(0, args.code or REPO)
+  from glmjax import aot
+
+  dots = aot.parse_dots(compiled_step_hlo(glmjax_program(args)))
+  fn, operands = step_dots_replica(dots)
+
+  def step(i):
+    return float(fn(operands))
+
+  serve(step, max(args.warmup, 2), dict(impl="matmul_step", gflops_per_step=sum(d["flops"] for d in dots) / 1e9,
+                                        dots=sum(d["count"] for d in dots), signatures=len(dots)))
 
 
 PROFILE_CATEGORIES = ("matmul: projections, MLP, logits", "matmul: attention (batched, K=64)",
@@ -299,16 +367,22 @@ def serve(step, warmup: int, info: dict) -> None:
   (answering "STEP <seconds> <loss>"), until "quit"; last line RESULT_JSON with peak RSS."""
   for i in range(warmup):
     step(i)
+  import resource
   print("READY", flush=True)
   i = warmup
+  faults = []
   for line in sys.stdin:
     if line.strip() != "step":
       break
     t0, c0 = time.perf_counter(), time.process_time()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     loss = step(i)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     print(f"STEP {time.perf_counter() - t0:.6f} {loss:.6f} {time.process_time() - c0:.6f}", flush=True)
     i += 1
-  result_line(dict(info, peak_rss_mib=peak_rss_mib(), steps=i))
+  result_line(dict(info, peak_rss_mib=peak_rss_mib(), steps=i,
+                   minor_faults_per_step=statistics.median(faults) if faults else None,
+                   glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")))
 
 
 def child_hf_eager(args) -> None:
@@ -366,10 +440,12 @@ def child_matmul(args) -> None:
 
 # Paired-mode names may carry an environment variant: "glmjax@avx2" runs the child with XLA and
 # ATen capped at AVX2 (on jax 0.10.2 the XLA cap does not lower the float32 dot rate: YNNPACK
-# picks its kernels by cpuid; see BENCHMARKS.md), "@onednn" with XLA's oneDNN dot custom calls.
+# picks its kernels by cpuid; see BENCHMARKS.md), "@onednn" with XLA's oneDNN dot custom calls,
+# "@xla=FLAG=VALUE+FLAG=VALUE" with any XLA flags (names without the leading "--"),
+# "@env=NAME=VALUE+NAME=VALUE" with environment variables set.
 ISA_ENV = {"avx2": {"XLA_FLAGS": "--xla_cpu_max_isa=AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
            "onednn": {"XLA_FLAGS": "--xla_cpu_experimental_onednn_custom_call=true"}}
-PAIRED_IMPLS = ("glmjax", "hf_eager", "plain_jax", "matmul_jax", "matmul_torch")
+PAIRED_IMPLS = ("glmjax", "hf_eager", "plain_jax", "matmul_jax", "matmul_torch", "matmul_step")
 
 
 def _parse_paired(text: str) -> tuple[str, dict, str]:
@@ -379,10 +455,10 @@ def _parse_paired(text: str) -> tuple[str, dict, str]:
   overrides = dict(option.split("=", 1) for option in options if "=" in option)
   bad = [o for o in options if "=" not in o] + [k for k in overrides if k not in ("remat", "attention", "fields")]
   bad += [v for k, v in overrides.items() if k == "fields" and v not in ("given", "all")]
-  known_isa = not isa or isa in ISA_ENV or isa.startswith("rev=")
+  known_isa = not isa or isa in ISA_ENV or isa.startswith(("rev=", "xla=", "env="))
   if impl not in PAIRED_IMPLS or not known_isa or bad or (overrides and impl != "glmjax"):
     raise argparse.ArgumentTypeError(
-        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][,fields=given|all][@{'|'.join(ISA_ENV)}|@rev=GITREV] with IMPL in {PAIRED_IMPLS} "
+        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][,fields=given|all][@{'|'.join(ISA_ENV)}|@rev=GITREV|@xla=FLAG=V+FLAG=V|@env=NAME=V+NAME=V] with IMPL in {PAIRED_IMPLS} "
         "(remat / attention only for glmjax)")
   return impl, overrides, isa
 
@@ -420,10 +496,25 @@ def _child_command(name: str, args) -> tuple[list, dict]:
     if overrides.get("fields") == "all":
       me += ["--fields", "all"]
   env = dict(os.environ)
-  if isa:
+  if isa.startswith("xla="):  # extra XLA flags, '+'-separated, without the leading '--'
+    flags = " ".join("--" + flag for flag in isa[len("xla="):].split("+") if flag)
+    env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), flags]))
+  elif isa.startswith("env="):  # extra environment variables, '+'-separated NAME=VALUE
+    env.update(item.split("=", 1) for item in isa[len("env="):].split("+") if item)
+  elif isa:
     env.update(ISA_ENV[isa])
     env["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), ISA_ENV[isa]["XLA_FLAGS"]]))
+  if impl in ("glmjax", "matmul_step"):
+    env = as_glmjax_command_runs(env)
   return me, env
+
+
+def as_glmjax_command_runs(env: dict) -> dict:
+  """The environment `glmjax train` gives itself: with GLMJAX_MALLOC_HUGEPAGES=1 huge-page malloc
+  (glmjax.hugepages, opt-in; e.g. `--paired glmjax@env=GLMJAX_MALLOC_HUGEPAGES=1 glmjax`)."""
+  sys.path.insert(0, REPO)
+  from glmjax import hugepages  # pylint: disable=import-outside-toplevel
+  return hugepages.environment_with_hugepages(env) or env
 
 
 def _gflop_per_step(name: str, final: dict) -> float:
@@ -499,8 +590,10 @@ def paired(args) -> None:
     med = statistics.median(times[name])
     rates[name] = [_gflop_per_step(name, finals[name]) / t for t in times[name]]
     tokens = f"{TOKENS / med:.0f} tokens/s, " if "gflops_per_step" not in finals[name] else ""
+    faults = finals[name].get("minor_faults_per_step")
     print(f"{name:10s} median step {med:.3f} s, {tokens}{statistics.median(rates[name]):.0f} GFLOP/s, "
-          f"peak RSS {finals[name]['peak_rss_mib']:.0f} MiB")
+          f"peak RSS {finals[name]['peak_rss_mib']:.0f} MiB"
+          + (f", {faults:.0f} minor page faults/step" if faults is not None else ""))
   ratio = statistics.median(ratios)
   rate_ratio = statistics.median(ra / rb for ra, rb in zip(rates[a_name], rates[b_name]))
   result_line(dict(paired=[a_name, b_name], ratios=ratios, times=times, cpu_seconds=cpu, finals=finals,
@@ -520,7 +613,7 @@ def measure(impl: str, args, peak_jax: float) -> dict:
   me = [sys.executable, os.path.abspath(__file__), "--warmup", str(args.warmup), "--steps", str(args.steps)]
   if impl == "glmjax":
     return run(me + ["--child", "glmjax", "--remat", args.remat, "--attention", args.attention]
-               + (["--profile"] if args.profile else []))
+               + (["--profile"] if args.profile else []), env=as_glmjax_command_runs(dict(os.environ)))
   if impl == "plain_jax":
     return run(me + ["--child", "plain_jax"])
   if impl == "hf_eager":
@@ -548,7 +641,9 @@ def main() -> None:
                       help=f"A/B mode: both alive, steps alternating; prints the median ratio A/B last. "
                            f"A, B in {PAIRED_IMPLS}, each optionally ,remat=POLICY ,attention=IMPL ,fields=all (glmjax) and "
                            f"@{'|'.join(ISA_ENV)} (an environment variant: AVX2 cap, XLA oneDNN dots) or "
-                           f"@rev=GITREV (that commit's code, from a git worktree under /tmp)")
+                           f"@rev=GITREV (that commit's code, from a git worktree under /tmp) or "
+                           f"@xla=FLAG=VALUE+FLAG=VALUE (extra XLA flags, no leading --) or "
+                           f"@env=NAME=VALUE+NAME=VALUE (environment variables)")
   parser.add_argument("--pairs", type=int, default=6)
   parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
@@ -559,7 +654,8 @@ def main() -> None:
   args = parser.parse_args()
   if args.child:
     return {"glmjax": child_glmjax, "plain_jax": child_plain_jax, "hf_eager": child_hf_eager,
-            "matmul_jax": child_matmul, "matmul_torch": child_matmul}[args.child](args)
+            "matmul_jax": child_matmul, "matmul_torch": child_matmul,
+            "matmul_step": child_matmul_step}[args.child](args)
   if args.paired:
     return paired(args)
 

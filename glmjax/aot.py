@@ -319,6 +319,53 @@ def parse_collectives(hlo: str, slice_of: Sequence[int], num_devices: int) -> di
   return out
 
 
+_DOT = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*([a-z]+[0-9]*)\[([0-9,]*)\]\S*\s+dot\("
+                  r"%?([\w.\-]+),\s*%?([\w.\-]+)\)(.*)$")
+_DEFINES = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*[a-z]+[0-9]*\[([0-9,]*)\]")
+
+
+def _dims(attrs: str, key: str) -> tuple:
+  m = re.search(key + r"=\{([0-9,]*)\}", attrs)
+  return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def parse_dots(hlo: str) -> list:
+  """Every `dot` of an optimized HLO module (fused or not), grouped by signature: a list of
+  {"dtype", "lhs", "rhs", "out" (shapes), "lhs_contracting", "rhs_contracting", "lhs_batch",
+  "rhs_batch" (dimension numbers), "count" (runs per execution: a while body's dots once per
+  trip), "flops" (2 x output elements x contracted size, times count)}, most FLOPs first.
+  Operand shapes are looked up in the dot's own computation (a fusion's parameters)."""
+  comps, _ = _split_computations(hlo)
+  mult = computation_multipliers(hlo)
+  rows: dict = {}
+  for comp, lines in comps.items():
+    times = mult.get(comp, 0)
+    if not times:
+      continue
+    shapes = {}
+    for line in lines:
+      d = _DEFINES.match(line)
+      if d:
+        shapes[d.group(1)] = tuple(int(x) for x in d.group(2).split(",") if x)
+    for line in lines:
+      m = _DOT.match(line)
+      if not m or m.group(3) not in shapes or m.group(4) not in shapes:
+        continue
+      attrs = m.group(5)
+      lhs, rhs = shapes[m.group(3)], shapes[m.group(4)]
+      out = tuple(int(x) for x in m.group(2).split(",") if x)
+      key = (m.group(1), lhs, rhs, out) + tuple(_dims(attrs, k) for k in (
+          "lhs_contracting_dims", "rhs_contracting_dims", "lhs_batch_dims", "rhs_batch_dims"))
+      rows[key] = rows.get(key, 0) + times
+  result = []
+  for (dtype, lhs, rhs, out, lc, rc, lb, rb), count in rows.items():
+    contracted = math.prod(lhs[i] for i in lc)
+    result.append(dict(dtype=dtype, lhs=lhs, rhs=rhs, out=out, lhs_contracting=lc, rhs_contracting=rc,
+                       lhs_batch=lb, rhs_batch=rb, count=count,
+                       flops=2.0 * math.prod(out) * contracted * count))
+  return sorted(result, key=lambda r: -r["flops"])
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory, roofline, the report
 

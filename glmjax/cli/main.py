@@ -31,6 +31,9 @@ def _usage() -> str:
 
 
 def main(argv=None) -> int:
+  """`argv` None: the process's own command line (the console script; it may re-execute itself
+  once with huge-page malloc, `glmjax.hugepages`). A list: called from Python, in this process."""
+  from_command_line = argv is None
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or argv[0] in ("-h", "--help"):
     print(_usage())
@@ -39,6 +42,9 @@ def main(argv=None) -> int:
   if name not in SUBCOMMANDS:
     print(f"glmjax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return common.EXIT_BAD_INPUT
+  if from_command_line:
+    from glmjax.hugepages import reexec_with_hugepages  # pylint: disable=import-outside-toplevel
+    reexec_with_hugepages()
   from glmjax.quiet import quiet_runtime  # pylint: disable=import-outside-toplevel
   quiet_runtime(verbose=common.wants_verbose(rest))
   module = importlib.import_module(SUBCOMMANDS[name][0])
