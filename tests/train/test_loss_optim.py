@@ -48,6 +48,17 @@ def test_accuracy_counts_a_target_tied_with_a_lower_id_as_wrong():
   np.testing.assert_allclose(float(got["correct_sum"]), (hits * mask).sum())
 
 
+def test_accuracy_on_rows_of_equal_logits_and_all_minus_inf():
+  """Every id tied (a zero head at init) and an all -inf row: only target 0 is the first maximum."""
+  logits = np.zeros((2, 4, 6), np.float32)
+  logits[1, :2] = -np.inf
+  targets = np.array([[0, 3, 5, 0], [0, 2, 0, 1]])
+  hits = _first_max_hits(logits, targets)
+  assert hits.sum() == 4
+  got = token_loss_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.ones((2, 4), jnp.float32))
+  assert float(got["correct_sum"]) == hits.sum()
+
+
 def test_loss_gradient_matches_autodiff_of_the_plain_formula():
   """The closed-form backward equals jax.grad of logsumexp - take_along_axis (with z-loss)."""
   rng = np.random.default_rng(1)
