@@ -572,6 +572,7 @@ def paired(args) -> None:
     for pair in range(args.pairs):
       order = (a_name, b_name) if pair % 2 == 0 else (b_name, a_name)
       for name in order:
+        time.sleep(args.settle)  # let the other process's worker threads stop spinning first
         seconds, _, cpu_seconds = servers[name].step()
         times[name].append(seconds)
         cpu[name].append(cpu_seconds)
@@ -645,6 +646,10 @@ def main() -> None:
                            f"@xla=FLAG=VALUE+FLAG=VALUE (extra XLA flags, no leading --) or "
                            f"@env=NAME=VALUE+NAME=VALUE (environment variables)")
   parser.add_argument("--pairs", type=int, default=6)
+  parser.add_argument("--settle", type=float, default=0.5,
+                      help="paired mode: seconds of idle before each step, so that the step that "
+                           "just ended (its thread pool spinning on, ~50 ms measured after a glmjax "
+                           "step) does not slow the next one")
   parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--code", help=argparse.SUPPRESS)
