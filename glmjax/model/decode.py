@@ -171,10 +171,19 @@ def extend(params: dict, cache: KVCache, chunk: dict, config: ModelConfig, *,
 
 def _attend_with_prefix(q, k, v, p, query_slots_Q, query_segment_ids, key_segment_ids,
                         key_bidirectional, alibi_slopes):
-  B = q.shape[0]
+  """The P prefix slots (P-Tuning v2) in front of the cache. For ALiBi the prefix keys sit at
+  the P positions just before each row's first real token (its first nonzero segment id), as in
+  the full forward (prefix.with_prefix_rows) and transformers' BLOOM, whose ALiBi positions are
+  the attention mask's cumulative sum: a left-padded short prompt's padding adds no distance."""
+  B, S = k.shape[:2]
   P = p["prefix_k"].shape[0]
   prefix = lambda x: jnp.broadcast_to(x.astype(q.dtype)[None], (B,) + x.shape)  # noqa: E731
   row_segment = jnp.max(key_segment_ids, axis=1, keepdims=True)
+  alibi_key_slots = None
+  if alibi_slopes is not None:
+    first_real = jnp.argmax(key_segment_ids != 0, axis=1).astype(jnp.int32)[:, None]
+    alibi_key_slots = jnp.concatenate([first_real + jnp.arange(P, dtype=jnp.int32)[None],
+                                       jnp.broadcast_to(P + jnp.arange(S, dtype=jnp.int32), (B, S))], axis=1)
   return pallas.decode_attention(
       q, jnp.concatenate([prefix(p["prefix_k"]), k], axis=1),
       jnp.concatenate([prefix(p["prefix_v"]), v], axis=1),
@@ -182,7 +191,7 @@ def _attend_with_prefix(q, k, v, p, query_slots_Q, query_segment_ids, key_segmen
       key_segment_ids=jnp.concatenate([jnp.broadcast_to(row_segment, (B, P)), key_segment_ids], axis=1),
       key_bidirectional=jnp.concatenate([jnp.zeros((B, P), key_bidirectional.dtype), key_bidirectional],
                                         axis=1),
-      alibi_slopes=alibi_slopes)
+      alibi_slopes=alibi_slopes, alibi_key_slots=alibi_key_slots)
 
 
 def reorder(cache: KVCache, batch_indices) -> KVCache:

@@ -29,7 +29,7 @@ def segment_ids_from_lengths(kv_lengths, cache_length: int):
 
 
 def decode_attention(q, k_cache, v_cache, *, query_slots, query_segment_ids, key_segment_ids,
-                     key_bidirectional, alibi_slopes=None, scale=None):
+                     key_bidirectional, alibi_slopes=None, alibi_key_slots=None, scale=None):
   """Attention of lq new queries over all S cache slots, GQA without repeating the cache.
 
   Args:
@@ -38,6 +38,8 @@ def decode_attention(q, k_cache, v_cache, *, query_slots, query_segment_ids, key
     query_slots: int [lq] (shared write index) or [b, lq], the slot of each query.
     query_segment_ids: int [b, lq]; key_segment_ids, key_bidirectional: [b, S].
     alibi_slopes: optional [heads]; bias slope * (j - i) on slot indices.
+    alibi_key_slots: optional int [b, S], the key positions j of that bias where they are not the
+      slot indices (P-Tuning v2's prefix keys sit just before each row's first real token).
   Returns:
     [b, lq, heads, d] in q.dtype; queries that see no key give zeros.
   """
@@ -53,6 +55,8 @@ def decode_attention(q, k_cache, v_cache, *, query_slots, query_segment_ids, key
                     query_slots[:, :, None], key_slots[None, None, :])
   bias = None
   if alibi_slopes is not None:
-    distance = (key_slots[None, None, :] - query_slots[:, :, None]).astype(jnp.float32)
+    bias_key_slots = key_slots[None, None, :] if alibi_key_slots is None else jnp.asarray(
+        alibi_key_slots, jnp.int32)[:, None, :]
+    distance = (bias_key_slots - query_slots[:, :, None]).astype(jnp.float32)
     bias = jnp.asarray(alibi_slopes, jnp.float32)[None, :, None, None] * distance[:, None]
   return masked_attention(q, k_cache, v_cache, mask=mask, bias=bias, scale=scale)

@@ -9,9 +9,10 @@ of length P + n (its ALiBi positions are the mask's cumulative sum), so the comb
 defined and is checked against it here; the KV-cache decoder (one prefix, prompts of equal length)
 gives the full forward's greedy tokens and logits.
 
-Not covered: left-padded batches of prompts of different lengths in the KV-cache decoder, where
-the padding slots between the prefix and a short prompt add to its ALiBi distance (transformers
-skips them through the mask's cumulative sum); see glmjax.model.decode._attend_with_prefix.
+Left-padded batches of prompts of different lengths: the KV-cache decoder puts the prefix keys
+just before each row's first real token (glmjax.model.decode._attend_with_prefix), so the padding
+between the prefix and a short prompt adds no ALiBi distance (transformers skips it through the
+mask's cumulative sum); checked against each prompt's own unpadded full forward.
 """
 
 import jax
@@ -20,7 +21,7 @@ import torch
 import transformers
 
 from glmjax.export import to_huggingface
-from glmjax.generate import GenerationOptions, generate
+from glmjax.generate import GenerationOptions, generate, left_pad
 from glmjax.model import ModelConfig, decode, forward
 from glmjax.tuning import prefix as prefix_lib
 from glmjax.tuning.prefix import PrefixConfig
@@ -86,3 +87,24 @@ def test_greedy_decode_with_cache_equals_full_forward_on_alibi():
       np.arange(5, dtype=np.int32), (2, 5))}, CONFIG)
   full = np.asarray(forward(params, prefix_lib.with_prefix_rows({"tokens": tokens}, P), CONFIG))[:, P:]
   np.testing.assert_allclose(np.asarray(logits), full, atol=1e-5, rtol=0)
+
+
+def test_left_padded_prompts_of_unequal_length_decode_as_each_alone():
+  _, params = _prefixed(3)
+  prompts = [[5, 9, 3, 7, 2, 12], [11, 4, 8]]  # the second row gets 3 padding slots
+  chunk = left_pad([{"tokens": p, "positions": list(range(len(p)))} for p in prompts])
+  logits, _ = decode.extend(params, decode.init_cache(CONFIG, 2, 16), chunk, CONFIG)
+  for b, prompt in enumerate(prompts):
+    alone = prefix_lib.with_prefix_rows({"tokens": np.asarray([prompt], np.int32)}, P)
+    want = np.asarray(forward(params, alone, CONFIG))[0, P:]
+    np.testing.assert_allclose(np.asarray(logits)[b, -len(prompt):], want, atol=1e-5, rtol=0)
+  options = GenerationOptions(strategy="greedy", max_new_tokens=5, stop_ids=())
+  ours = generate(params, CONFIG, prompts, options).sequences()
+  want = []
+  for prompt in prompts:
+    seq = list(prompt)
+    for _ in range(5):
+      batch = prefix_lib.with_prefix_rows({"tokens": np.asarray([seq], np.int32)}, P)
+      seq.append(int(np.argmax(np.asarray(forward(params, batch, CONFIG))[0, -1])))
+    want.append(seq[len(prompt):])
+  assert ours == want
