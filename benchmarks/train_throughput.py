@@ -190,7 +190,6 @@ def step_dots_replica(dots: list):
 
   def run_all(operands):
     link = jnp.zeros((), jnp.float32)  # the previous dot's first output element, times 0
-    outs = []
     for dot, (lhs, rhs) in zip(dots, operands):
       numbers = ((dot["lhs_contracting"], dot["rhs_contracting"]), (dot["lhs_batch"], dot["rhs_batch"]))
       first = (0,) * rhs.ndim
@@ -202,7 +201,6 @@ def step_dots_replica(dots: list):
         return rhs, out.reshape(-1)[0].astype(jnp.float32) + 0.0 * jnp.sum(out[(0,) * (out.ndim - 1)])
 
       _, link = lax.fori_loop(0, dot["count"], body, (rhs, link))
-      outs.append(link)
     return link
 
   return jax.jit(run_all), operands

@@ -242,7 +242,17 @@ def _trip_count(condition_lines: Sequence[str]) -> int:
 
 def computation_multipliers(hlo: str) -> dict:
   """How many times each computation runs per execution (while bodies: their trip counts)."""
+  return _multipliers(*_split_computations(hlo))
+
+
+def _executed_computations(hlo: str) -> list:
+  """(name, instruction lines, runs per execution) of every computation that runs."""
   comps, entry = _split_computations(hlo)
+  mult = _multipliers(comps, entry)
+  return [(name, lines, mult[name]) for name, lines in comps.items() if mult.get(name)]
+
+
+def _multipliers(comps: dict, entry: Optional[str]) -> dict:
   mult = {}
 
   def visit(name: str, times: int, depth: int = 0) -> None:
@@ -271,13 +281,8 @@ def parse_collectives(hlo: str, slice_of: Sequence[int], num_devices: int) -> di
   Returns {kind: {"count", "bytes", "ici_bytes", "dcn_bytes", "wire_bytes_ici",
   "wire_bytes_dcn"}}, wire bytes being what a ring algorithm moves per device.
   """
-  comps, _ = _split_computations(hlo)
-  mult = computation_multipliers(hlo)
   seen: dict = {}
-  for comp, lines in comps.items():
-    times = mult.get(comp, 0)
-    if not times:
-      continue
+  for comp, lines, times in _executed_computations(hlo):
     for line in lines:
       m = _INSTR.match(line)
       if not m:
@@ -335,13 +340,8 @@ def parse_dots(hlo: str) -> list:
   "rhs_batch" (dimension numbers), "count" (runs per execution: a while body's dots once per
   trip), "flops" (2 x output elements x contracted size, times count)}, most FLOPs first.
   Operand shapes are looked up in the dot's own computation (a fusion's parameters)."""
-  comps, _ = _split_computations(hlo)
-  mult = computation_multipliers(hlo)
   rows: dict = {}
-  for comp, lines in comps.items():
-    times = mult.get(comp, 0)
-    if not times:
-      continue
+  for _, lines, times in _executed_computations(hlo):
     shapes = {}
     for line in lines:
       d = _DEFINES.match(line)

@@ -1,7 +1,12 @@
-"""Shared test material for tuning: toy preference pairs."""
+"""Shared test material for tuning: toy preference pairs, `glmjax train` runs of shrunk
+experiments, greedy decoding by full forwards over prefixed rows."""
 
 import numpy as np
 
+from glmjax import config_gin
+from glmjax.cli import train as train_cli
+from glmjax.model import forward
+from glmjax.tuning import prefix as prefix_lib
 from tests.train.helpers import VOCAB
 
 
@@ -37,4 +42,29 @@ def progression_batches(count: int, batch_size: int = 16, length: int = 32):
       mask[r, :len(example) - 1] = 1.0
     out.append({"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask,
                 "segment_ids": (mask > 0).astype(np.int32)})
+  return out
+
+
+def cli_train(gin_file, workdir, steps, extra=(), *, shrink):
+  """`glmjax train` of `gin_file` with the `shrink` bindings, then `extra`, for `steps` steps
+  (the exit code); the gin registry is cleared before and after."""
+  config_gin.clear()
+  try:
+    return train_cli.main(["--gin_file", gin_file, "--workdir", workdir]
+                          + [f"--gin={b}" for b in list(shrink) + list(extra)]
+                          + [f"--gin.TrainerConfig.num_steps={steps}"])
+  finally:
+    config_gin.clear()
+
+
+def greedy_by_full_forward(params, config, prompts, new_tokens, prefix_len):
+  """Greedy continuations of each prompt alone, one full forward over its prefixed row per token
+  (the reference the KV-cache decoder with a P-Tuning v2 prefix must meet)."""
+  out = []
+  for prompt in prompts:
+    seq = list(prompt)
+    for _ in range(new_tokens):
+      batch = prefix_lib.with_prefix_rows({"tokens": np.asarray([seq], np.int32)}, prefix_len)
+      seq.append(int(np.argmax(np.asarray(forward(params, batch, config))[0, -1])))
+    out.append(seq[len(prompt):])
   return out

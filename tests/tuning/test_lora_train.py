@@ -2,19 +2,20 @@
 adapters and optimizer state only and name the base run; resume is exact; the base stays the
 base run's bit for bit; params-only load (generate / eval / export) gets the merged weights."""
 
+import contextlib
+import functools
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from glmjax import config_gin
-from glmjax.cli import train as train_cli
 from glmjax.model import forward
 from glmjax.run import load as load_lib
 from glmjax.trainer.metrics import read_jsonl
 from glmjax.tuning import lora as lora_lib
 from tests.train.test_gin import REPO
+from tests.tuning.helpers import cli_train
 
 SHRINK = ["ModelConfig.d_model = 32", "ModelConfig.num_layers = 2", "ModelConfig.num_heads = 2",
           "ModelConfig.num_kv_heads = 2", "ModelConfig.head_dim = 16", "ModelConfig.ffn_dim = 64",
@@ -27,23 +28,14 @@ SHRINK = ["ModelConfig.d_model = 32", "ModelConfig.num_layers = 2", "ModelConfig
 STEPS = 4
 
 
-def run(gin_file, workdir, steps, extra=()):
-  config_gin.clear()
-  try:
-    return train_cli.main(["--gin_file", gin_file, "--workdir", workdir]
-                          + [f"--gin={b}" for b in SHRINK + list(extra)]
-                          + [f"--gin.TrainerConfig.num_steps={steps}"])
-  finally:
-    config_gin.clear()
+run = functools.partial(cli_train, shrink=SHRINK)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("lora")
   paths = {name: str(root / name) for name in ("base", "straight", "resumed", "qlora", "dpo")}
-  old = os.getcwd()
-  os.chdir(REPO)
-  try:
+  with contextlib.chdir(REPO):
     assert run("experiments/llama_small_causal_lm.gin", paths["base"], 1) == 0
     lora = [f"LoraConfig.base_checkpoint = '{paths['base']}'", "LoraConfig.rank = 4"]
     assert run("experiments/lora_llama_small.gin", paths["straight"], STEPS, lora) == 0
@@ -52,8 +44,6 @@ def runs(tmp_path_factory):
     assert run("experiments/qlora_llama_small.gin", paths["qlora"], 2, lora) == 0
     assert run("experiments/dpo_llama_small.gin", paths["dpo"], 3, lora + ["DpoConfig.beta = 0.5"]) == 0
     yield paths
-  finally:
-    os.chdir(old)
 
 
 def _losses(workdir):

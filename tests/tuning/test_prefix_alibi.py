@@ -26,6 +26,7 @@ from glmjax.model import ModelConfig, decode, forward
 from glmjax.tuning import prefix as prefix_lib
 from glmjax.tuning.prefix import PrefixConfig
 from tests.export.helpers import TOLERANCE, perturbed_params
+from tests.tuning.helpers import greedy_by_full_forward
 
 # tests/export/test_hf_parity.py's "bloom_6_heads_tied": 6 heads (slopes of 4 and of 8 heads mixed)
 CONFIG = ModelConfig(vocab_size=89, d_model=48, num_layers=2, num_heads=6, num_kv_heads=6, head_dim=8,
@@ -71,15 +72,8 @@ def test_greedy_decode_with_cache_equals_full_forward_on_alibi():
   _, params = _prefixed(2)
   prompts = [[5, 9, 3, 7, 2], [11, 4, 8, 6, 13]]  # equal lengths: no padding (module docstring)
   options = GenerationOptions(strategy="greedy", max_new_tokens=6, stop_ids=())
-  ours = generate(params, CONFIG, prompts, options).sequences()
-  want = []
-  for prompt in prompts:
-    seq = list(prompt)
-    for _ in range(6):
-      batch = prefix_lib.with_prefix_rows({"tokens": np.asarray([seq], np.int32)}, P)
-      seq.append(int(np.argmax(np.asarray(forward(params, batch, CONFIG))[0, -1])))
-    want.append(seq[len(prompt):])
-  assert ours == want
+  assert generate(params, CONFIG, prompts, options).sequences() == greedy_by_full_forward(
+      params, CONFIG, prompts, 6, P)
   # prefill logits: the cache's prefix slots give the full forward's logits
   tokens = np.asarray(prompts, np.int32)
   cache = decode.init_cache(CONFIG, 2, 16)
@@ -99,12 +93,5 @@ def test_left_padded_prompts_of_unequal_length_decode_as_each_alone():
     want = np.asarray(forward(params, alone, CONFIG))[0, P:]
     np.testing.assert_allclose(np.asarray(logits)[b, -len(prompt):], want, atol=1e-5, rtol=0)
   options = GenerationOptions(strategy="greedy", max_new_tokens=5, stop_ids=())
-  ours = generate(params, CONFIG, prompts, options).sequences()
-  want = []
-  for prompt in prompts:
-    seq = list(prompt)
-    for _ in range(5):
-      batch = prefix_lib.with_prefix_rows({"tokens": np.asarray([seq], np.int32)}, P)
-      seq.append(int(np.argmax(np.asarray(forward(params, batch, CONFIG))[0, -1])))
-    want.append(seq[len(prompt):])
-  assert ours == want
+  assert generate(params, CONFIG, prompts, options).sequences() == greedy_by_full_forward(
+      params, CONFIG, prompts, 5, P)

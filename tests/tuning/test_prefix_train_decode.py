@@ -4,21 +4,21 @@ for bit, checkpoints hold the prefix only, resume is exact; greedy decoding with
 the prefix equals greedy decoding by full forwards over prefixed rows (ChatGLM2 ptuning: the
 prefix as initial past_key_values, positions unchanged); bad combinations exit 2 in one line."""
 
+import contextlib
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from glmjax import config_gin
 from glmjax.generate import GenerationOptions, generate
-from glmjax.model import forward
 from glmjax.run import load as load_lib
 from glmjax.run.directory import Workdir
 from glmjax.tuning import prefix as prefix_lib
 from glmjax.tuning.prefix import PrefixConfig
 from tests.export.helpers import perturbed_params
 from tests.train.helpers import tiny_model
+from tests.tuning.helpers import greedy_by_full_forward
 from tests.tuning.test_lora_train import REPO, _losses, _saved_param_paths, run
 
 P = 3
@@ -30,9 +30,7 @@ CONFIG = tiny_model()
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("ptuning")
   paths = {name: str(root / name) for name in ("base", "straight", "resumed")}
-  old = os.getcwd()
-  os.chdir(REPO)
-  try:
+  with contextlib.chdir(REPO):
     assert run("experiments/llama_small_causal_lm.gin", paths["base"], 1) == 0
     extra = [f"PrefixConfig.base_checkpoint = '{paths['base']}'", f"PrefixConfig.pre_seq_len = {P}",
              "DataConfig.sequence_length = 24"]
@@ -40,8 +38,6 @@ def runs(tmp_path_factory):
     assert run("experiments/ptuning_llama_small.gin", paths["resumed"], STEPS // 2, extra) == 0
     assert run("experiments/ptuning_llama_small.gin", paths["resumed"], STEPS, extra) == 0
     yield paths
-  finally:
-    os.chdir(old)
 
 
 def _restore(workdir, step):
@@ -86,27 +82,11 @@ def test_ptuning_run_trains_the_prefix_only_and_resumes_exactly(runs):
     (["PrefixConfig.pre_seq_len = -1"], "PrefixConfig.pre_seq_len=-1 must be an int >= 0"),
 ])
 def test_bad_prefix_options_exit_2_in_one_line(tmp_path, capsys, bad, message):
-  old = os.getcwd()
-  os.chdir(REPO)
-  try:
+  with contextlib.chdir(REPO):
     code = run("experiments/ptuning_llama_small.gin", str(tmp_path / "run"), 1, bad)
-  finally:
-    os.chdir(old)
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and message in err[0], err
   assert not os.path.exists(tmp_path / "run" / "checkpoints")
-
-
-def _greedy_by_full_forward(params, config, prompts, new_tokens):
-  out = []
-  for prompt in prompts:
-    seq = list(prompt)
-    for _ in range(new_tokens):
-      tokens = np.asarray([seq], np.int32)
-      batch = prefix_lib.with_prefix_rows({"tokens": tokens}, P)
-      seq.append(int(np.argmax(np.asarray(forward(params, batch, config))[0, -1])))
-    out.append(seq[len(prompt):])
-  return out
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-chatglm2"])
@@ -121,7 +101,7 @@ def test_greedy_decode_with_cache_equals_full_forward_with_prefix(preset):
   prompts = [[5, 9, 3, 7, 2], [11, 4]]  # different lengths: left padding between prefix and prompt
   options = GenerationOptions(strategy="greedy", max_new_tokens=6, stop_ids=())
   ours = generate(params, config, prompts, options).sequences()
-  assert ours == _greedy_by_full_forward(params, config, prompts, 6)
+  assert ours == greedy_by_full_forward(params, config, prompts, 6, P)
   assert ours != generate(base, config, prompts, options).sequences()  # the prefix matters
 
 

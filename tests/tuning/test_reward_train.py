@@ -6,15 +6,15 @@ resumes exactly; `glmjax eval` prints and writes the pairwise accuracy, mean mar
 Bradley-Terry loss that a hand computation from each held-out pair's rewards gives."""
 
 import json
+import contextlib
+import functools
 import os
 
 import jax
 import numpy as np
 import pytest
 
-from glmjax import config_gin
 from glmjax.cli import evaluate as eval_cli
-from glmjax.cli import train as train_cli
 from glmjax.run import load as load_lib
 from glmjax.tasks import preference
 from glmjax.tasks import vocab as vocab_lib
@@ -22,6 +22,7 @@ from glmjax.trainer.metrics import read_jsonl
 from glmjax.tuning import lora as lora_lib
 from glmjax.tuning import reward
 from tests.train.test_gin import REPO
+from tests.tuning.helpers import cli_train
 
 SHRINK = ["ModelConfig.d_model = 32", "ModelConfig.num_layers = 2", "ModelConfig.num_heads = 2",
           "ModelConfig.num_kv_heads = 2", "ModelConfig.head_dim = 16", "ModelConfig.ffn_dim = 64",
@@ -36,23 +37,14 @@ LORA_STEPS = 4
 TASK = preference.TOY_TASK
 
 
-def run(gin_file, workdir, steps, extra=()):
-  config_gin.clear()
-  try:
-    return train_cli.main(["--gin_file", gin_file, "--workdir", workdir]
-                          + [f"--gin={b}" for b in SHRINK + list(extra)]
-                          + [f"--gin.TrainerConfig.num_steps={steps}"])
-  finally:
-    config_gin.clear()
+run = functools.partial(cli_train, shrink=SHRINK)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("reward")
   paths = {name: str(root / name) for name in ("base", "full", "straight", "resumed")}
-  old = os.getcwd()
-  os.chdir(REPO)
-  try:
+  with contextlib.chdir(REPO):
     assert run("experiments/llama_small_causal_lm.gin", paths["base"], 1,
                ["DataConfig.sequence_length = 32"]) == 0
     full = ["LoraConfig.rank = 0", f"RewardConfig.base_checkpoint = '{paths['base']}'",
@@ -64,8 +56,6 @@ def runs(tmp_path_factory):
     assert run("experiments/reward_llama_small.gin", paths["resumed"], LORA_STEPS // 2, lora) == 0
     assert run("experiments/reward_llama_small.gin", paths["resumed"], LORA_STEPS, lora) == 0
     yield paths
-  finally:
-    os.chdir(old)
 
 
 def _train_records(workdir):
