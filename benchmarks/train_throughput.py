@@ -71,9 +71,10 @@ def run(cmd: list, env=None) -> dict:
 
 # --- children ---------------------------------------------------------------------------------
 
-def _time_steps(step, warmup: int, steps: int):
-  """Runs warmup + steps calls of step(i) -> float(loss); an in-run 2048^3 JAX matmul reference
-  after each one sees the same contention as the step."""
+def _time_steps(step, warmup: int, steps: int, per_call: int = 1):
+  """Runs warmup + steps calls of step(i) -> float(loss), each `per_call` train steps (the time
+  recorded is per train step); an in-run 2048^3 JAX matmul reference after each one sees the
+  same contention as the step."""
   import jax
   import jax.numpy as jnp
   a = jnp.ones((2048, 2048), jnp.float32)
@@ -92,7 +93,7 @@ def _time_steps(step, warmup: int, steps: int):
   for i in range(warmup + steps):
     t0 = time.perf_counter()
     losses.append(step(i))
-    times.append(time.perf_counter() - t0)
+    times.append((time.perf_counter() - t0) / per_call)
     refs.append(ref())
   return times, losses, refs
 
@@ -140,26 +141,46 @@ def child_glmjax(args) -> None:
   import jax
 
   program = glmjax_program(args)
+  per_call = glmjax_steps_per_call(args, program)
   t0 = time.perf_counter()
   state = {"s": program.init_state(0)}
   init_s = time.perf_counter() - t0
 
-  def step(i):
+  def host_batch(i):
     host = glmjax_host_batch(i)
     if args.fields == "all":  # every optional field written out, as the trainer's data pipeline does
       from glmjax.model import batch as batch_lib  # pylint: disable=import-outside-toplevel
       host = batch_lib.with_defaults(host)
-    state["s"], metrics = program.train_step(state["s"], program.global_batch(host))
-    return float(metrics["loss"])
+    return host
 
+  def step(i):
+    if per_call == 1:
+      state["s"], metrics = program.train_step(state["s"], program.global_batch(host_batch(i)))
+      return float(metrics["loss"])
+    batches = [program.global_batch(host_batch(i * per_call + j)) for j in range(per_call)]
+    state["s"], metrics = program.train_steps(state["s"], batches)
+    return float(metrics["loss"][-1])
+
+  info = dict(impl="glmjax", remat=args.remat, attention=args.attention, steps_per_call=per_call)
   if args.serve:
-    return serve(step, args.warmup, dict(impl="glmjax", remat=args.remat, attention=args.attention))
-  times, losses, refs = _time_steps(step, args.warmup, args.steps)
-  extra = dict(remat=args.remat, attention=args.attention, init_s=init_s,
-               xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)
+    return serve(step, args.warmup, info, per_call)
+  times, losses, refs = _time_steps(step, args.warmup, args.steps, per_call)
+  extra = dict(info, init_s=init_s, xla_flags=os.environ.get("XLA_FLAGS", ""), jax=jax.__version__)
+  del extra["impl"]
   if args.profile:
     extra["profile"] = profile_breakdown(lambda: step(args.warmup + args.steps), compiled_step_hlo(program))
   result_line(_summary("glmjax", times, losses, refs, args.warmup, extra))
+
+
+def glmjax_steps_per_call(args, program) -> int:
+  """Train steps per jitted call: --steps-per-call, "auto" as `glmjax train` resolves it for a
+  long run on this backend (glmjax.trainer.step.resolve_steps_per_call); 1 for a checkout
+  (@rev=) from before TrainProgram.train_steps."""
+  if not hasattr(program, "train_steps"):
+    return 1
+  from glmjax.trainer import step as step_lib  # pylint: disable=import-outside-toplevel
+  value = args.steps_per_call if args.steps_per_call == "auto" else int(args.steps_per_call)
+  return step_lib.resolve_steps_per_call(value, program.platform(), program.mesh.size, num_steps=1000)
 
 
 def compiled_step_hlo(program) -> str:
@@ -360,9 +381,11 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def serve(step, warmup: int, info: dict) -> None:
-  """Paired mode's child: warm up, print READY, then one step per "step" line on stdin
-  (answering "STEP <seconds> <loss>"), until "quit"; last line RESULT_JSON with peak RSS."""
+def serve(step, warmup: int, info: dict, per_call: int = 1) -> None:
+  """Paired mode's child: warm up, print READY, then per request line "step [N]" on stdin run
+  N train steps back to back (calls of step(i), each `per_call` train steps; at least one
+  call) and answer "STEP <seconds> <loss> <CPU seconds>" per train step, until "quit"; last
+  line RESULT_JSON with peak RSS."""
   for i in range(warmup):
     step(i)
   import resource
@@ -370,14 +393,19 @@ def serve(step, warmup: int, info: dict) -> None:
   i = warmup
   faults = []
   for line in sys.stdin:
-    if line.strip() != "step":
+    words = line.split()
+    if not words or words[0] != "step":
       break
+    calls = max(1, (int(words[1]) if len(words) > 1 else 1) // per_call)
     t0, c0 = time.perf_counter(), time.process_time()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    loss = step(i)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
-    print(f"STEP {time.perf_counter() - t0:.6f} {loss:.6f} {time.process_time() - c0:.6f}", flush=True)
-    i += 1
+    for _ in range(calls):
+      loss = step(i)
+      i += 1
+    n = calls * per_call
+    faults.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / n)
+    print(f"STEP {(time.perf_counter() - t0) / n:.6f} {loss:.6f} {(time.process_time() - c0) / n:.6f}",
+          flush=True)
   result_line(dict(info, peak_rss_mib=peak_rss_mib(), steps=i,
                    minor_faults_per_step=statistics.median(faults) if faults else None,
                    glibc_tunables=os.environ.get("GLIBC_TUNABLES", "")))
@@ -451,12 +479,13 @@ def _parse_paired(text: str) -> tuple[str, dict, str]:
   spec, _, isa = text.partition("@")
   impl, *options = spec.split(",")
   overrides = dict(option.split("=", 1) for option in options if "=" in option)
-  bad = [o for o in options if "=" not in o] + [k for k in overrides if k not in ("remat", "attention", "fields")]
+  bad = [o for o in options if "=" not in o]
+  bad += [k for k in overrides if k not in ("remat", "attention", "fields", "steps_per_call")]
   bad += [v for k, v in overrides.items() if k == "fields" and v not in ("given", "all")]
   known_isa = not isa or isa in ISA_ENV or isa.startswith(("rev=", "xla=", "env="))
   if impl not in PAIRED_IMPLS or not known_isa or bad or (overrides and impl != "glmjax"):
     raise argparse.ArgumentTypeError(
-        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][,fields=given|all][@{'|'.join(ISA_ENV)}|@rev=GITREV|@xla=FLAG=V+FLAG=V|@env=NAME=V+NAME=V] with IMPL in {PAIRED_IMPLS} "
+        f"{text!r}: expected IMPL[,remat=POLICY][,attention=IMPL][,fields=given|all][,steps_per_call=N|auto][@{'|'.join(ISA_ENV)}|@rev=GITREV|@xla=FLAG=V+FLAG=V|@env=NAME=V+NAME=V] with IMPL in {PAIRED_IMPLS} "
         "(remat / attention only for glmjax)")
   return impl, overrides, isa
 
@@ -493,6 +522,7 @@ def _child_command(name: str, args) -> tuple[list, dict]:
     me += ["--remat", overrides.get("remat", args.remat), "--attention", overrides.get("attention", args.attention)]
     if overrides.get("fields") == "all":
       me += ["--fields", "all"]
+    me += ["--steps-per-call", overrides.get("steps_per_call", args.steps_per_call)]
   env = dict(os.environ)
   if isa.startswith("xla="):  # extra XLA flags, '+'-separated, without the leading '--'
     flags = " ".join("--" + flag for flag in isa[len("xla="):].split("+") if flag)
@@ -539,9 +569,10 @@ class _Server:
   def ready(self) -> None:
     self._read_until("READY")
 
-  def step(self) -> tuple[float, float, float]:
-    """(wall seconds, loss, CPU seconds of the child; NaN from an older checkout's child)."""
-    self.proc.stdin.write("step\n")
+  def step(self, block: int = 1) -> tuple[float, float, float]:
+    """`block` train steps back to back: (wall seconds, loss, CPU seconds of the child; NaN from
+    an older checkout's child), per train step."""
+    self.proc.stdin.write("step\n" if block == 1 else f"step {block}\n")
     self.proc.stdin.flush()
     _, seconds, loss, *cpu = self._read_until("STEP ").split()
     return float(seconds), float(loss), float(cpu[0]) if cpu else float("nan")
@@ -554,16 +585,34 @@ class _Server:
     return result
 
 
+def paired_block(args) -> int:
+  """Train steps per turn in paired mode: --block, or "auto": the least common multiple of the
+  glmjax sides' steps per call (so a side that runs several steps per call and one that runs
+  one are both timed over the same back-to-back steps, as a training run runs them)."""
+  if args.block != "auto":
+    return int(args.block)
+  sys.path.insert(0, REPO)
+  from glmjax.trainer import step as step_lib  # pylint: disable=import-outside-toplevel
+  block = 1
+  for name in args.paired:
+    impl, overrides, isa = _parse_paired(name)
+    if impl == "glmjax" and not isa.startswith("rev="):
+      value = overrides.get("steps_per_call", args.steps_per_call)
+      block = math.lcm(block, step_lib.CPU_STEPS_PER_CALL if value == "auto" else int(value))
+  return block
+
+
 def paired(args) -> None:
   """A/B with both alive; prints per-pair times and the median ratio (A's tokens/s over B's) last."""
   a_name, b_name = args.paired
   t_start = time.perf_counter()
+  block = paired_block(args)
   servers = {name: _Server(name, args) for name in (a_name, b_name)}
   try:
     for server in servers.values():
       server.ready()
-    print(f"both warm after {time.perf_counter() - t_start:.0f} s; {args.pairs} pairs "
-          f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    print(f"both warm after {time.perf_counter() - t_start:.0f} s; {args.pairs} pairs of {block} "
+          f"train step(s) back to back on each side (load {os.getloadavg()[0]:.1f})", flush=True)
     times = {a_name: [], b_name: []}
     cpu = {a_name: [], b_name: []}
     ratios, cpu_ratios = [], []
@@ -571,7 +620,7 @@ def paired(args) -> None:
       order = (a_name, b_name) if pair % 2 == 0 else (b_name, a_name)
       for name in order:
         time.sleep(args.settle)  # let the other process's worker threads stop spinning first
-        seconds, _, cpu_seconds = servers[name].step()
+        seconds, _, cpu_seconds = servers[name].step(block)
         times[name].append(seconds)
         cpu[name].append(cpu_seconds)
       ratios.append(times[b_name][-1] / times[a_name][-1])
@@ -638,12 +687,15 @@ def main() -> None:
                       help="also trace one glmjax step and print where its XLA op time goes")
   parser.add_argument("--paired", nargs=2, metavar=("A", "B"), type=paired_name,
                       help=f"A/B mode: both alive, steps alternating; prints the median ratio A/B last. "
-                           f"A, B in {PAIRED_IMPLS}, each optionally ,remat=POLICY ,attention=IMPL ,fields=all (glmjax) and "
+                           f"A, B in {PAIRED_IMPLS}, each optionally ,remat=POLICY ,attention=IMPL ,fields=all ,steps_per_call=N (glmjax) and "
                            f"@{'|'.join(ISA_ENV)} (an environment variant: AVX2 cap, XLA oneDNN dots) or "
                            f"@rev=GITREV (that commit's code, from a git worktree under /tmp) or "
                            f"@xla=FLAG=VALUE+FLAG=VALUE (extra XLA flags, no leading --) or "
                            f"@env=NAME=VALUE+NAME=VALUE (environment variables)")
   parser.add_argument("--pairs", type=int, default=6)
+  parser.add_argument("--block", default="auto",
+                      help="paired mode: train steps each side runs back to back per turn (times are "
+                           "per step); 'auto': the glmjax sides' steps per call (4 by default on CPU)")
   parser.add_argument("--settle", type=float, default=0.5,
                       help="paired mode: seconds of idle before each step, so that the step that "
                            "just ended (its thread pool spinning on, ~50 ms measured after a glmjax "
@@ -651,6 +703,10 @@ def main() -> None:
   parser.add_argument("--child", choices=PAIRED_IMPLS, help=argparse.SUPPRESS)
   parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--code", help=argparse.SUPPRESS)
+  parser.add_argument("--steps-per-call", default="auto",
+                      help="glmjax train steps per jitted call (TrainerConfig.steps_per_call; default "
+                           "'auto', as `glmjax train` runs a long run: 4 on one CPU device); times "
+                           "are per train step")
   parser.add_argument("--fields", choices=("given", "all"), default="given",
                       help="glmjax batch: tokens/targets/loss_mask only (given), or every optional field "
                            "written out with its default (all: what the trainer's data pipeline passes)")

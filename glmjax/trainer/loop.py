@@ -7,6 +7,12 @@ jitted step (donated state) -> metrics fetched (loss, accuracy, grad norm,
 learning rate, tokens/s, MFU) -> maybe eval, checkpoint, stop. The data
 position saved with a checkpoint is exactly the number of batches the saved
 state has consumed, so a resumed run continues with the next batch.
+
+With TrainerConfig.steps_per_call = n > 1 (the "auto" default for runs of >= 64 steps on one
+CPU device) the steps go n to a call (TrainProgram.train_steps, the same updates bit for bit): calls end at every
+checkpoint / eval step and at the end, so those happen at the same steps as with n = 1; a stop
+signal takes effect at the end of the call (n steps at most); each step's logged time is the
+call's over n.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from glmjax.trainer import data as data_lib
 from glmjax.trainer import metrics as metrics_lib
 from glmjax.trainer.data import DataConfig
 from glmjax.trainer.optim import OptimizerConfig
+from glmjax.trainer import step as step_lib
 from glmjax.trainer.step import StepConfig, TrainProgram
 from glmjax.tuning import dpo as dpo_lib
 from glmjax.tuning import lora as lora_lib
@@ -54,6 +61,9 @@ class TrainerConfig:
   progress_bar: bool = True
   peak_flops_per_device: float = 0.0  # MFU denominator; 0: table by device kind / measured on CPU
   plot: bool = True  # loss-curve PNG in the workdir at the end
+  # updates per jitted call (glmjax.trainer.step.resolve_steps_per_call): "auto" = 4 on one CPU
+  # device for runs of >= 64 steps, else 1
+  steps_per_call: Any = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +147,18 @@ def _host_rows(batch: dict, process_index: int, process_count: int) -> dict:
   return {k: v[process_index * per:(process_index + 1) * per] for k, v in batch.items()}
 
 
+def _call_length(step: int, steps_per_call: int, num_steps: int, periods) -> int:
+  """Steps in the next call from `step`: at most `steps_per_call`, ending at the end of the run
+  and at every multiple of each period in `periods` (checkpoints, evals, steps_per_call itself;
+  0 = none), so that those land on the same steps whatever steps_per_call is, and a run resumed
+  from any checkpoint makes the calls the uninterrupted run made."""
+  count = min(steps_per_call, num_steps - step)
+  for period in periods:
+    if period:
+      count = min(count, period - step % period)
+  return count
+
+
 def _validate(experiment: Experiment) -> None:
   t, d, m = experiment.trainer, experiment.data, experiment.model
   if t.num_steps < 1:
@@ -146,6 +168,10 @@ def _validate(experiment: Experiment) -> None:
                      f"{m.max_length}; shorten the sequences or raise max_length")
   if t.max_nonfinite_streak < 1:
     raise ValueError("TrainerConfig.max_nonfinite_streak must be >= 1")
+  step_lib.resolve_steps_per_call(t.steps_per_call, "cpu", 1, t.num_steps)  # the value's type, range
+  if t.steps_per_call not in ("auto", 1) and (experiment.dpo.task or experiment.reward.task):
+    raise ValueError(f"TrainerConfig.steps_per_call={t.steps_per_call!r} is for the language-model "
+                     "step; DPO and reward-model runs take one step per call (set it to 'auto' or 1)")
   data_lib.resolve_prompt_layout(d, m)  # explicit DataConfig layout flags agree with the model
 
 
@@ -249,10 +275,15 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
                          devices=devices, tuning=_tuning(experiment, seqio_data=train_data is None))
   layout = {"batch_size": experiment.data.batch_size, "sequence_length": experiment.data.sequence_length}
   step_fn = program.train_step
+  save_every = experiment.checkpoint.save_every if workdir is not None else 0
+  steps_per_call = step_lib.resolve_steps_per_call(
+      cfg.steps_per_call, program.platform(), program.mesh.size, cfg.num_steps)
   if experiment.dpo.task:  # DPO on preference pairs (glmjax.tuning.dpo) instead of the LM mixture
     step_fn, train_data = dpo_lib.train_hooks(program, experiment)
   elif experiment.reward.task:  # a Bradley-Terry reward model on preference pairs (glmjax.tuning.reward)
     step_fn, train_data = reward_lib.train_hooks(program, experiment)
+  if experiment.dpo.task or experiment.reward.task:
+    steps_per_call = 1
   if train_data is None:
     stream = data_lib.train_stream(experiment.data, pid, nproc, model=experiment.model)
     host_rows = lambda b: b  # noqa: E731
@@ -326,8 +357,9 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   try:
     with _StopSignals() as signals:
       last_time = time.perf_counter()
-      first_step_of_run = True
-      while step < cfg.num_steps:
+      first_call_of_run = True
+
+      def next_batch() -> dict:
         try:
           host = next(stream)
         except StopIteration:
@@ -337,29 +369,41 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
         if tuned_batch is not None:
           host = tuned_batch(host)
         batch_lib.check_ids(host, experiment.model)
-        batch = program.global_batch(host)
-        state, device_metrics = step_fn(state, batch)
-        m = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
-        step += 1
+        return program.global_batch(host)
+
+      while step < cfg.num_steps:
+        count = _call_length(step, steps_per_call, cfg.num_steps,
+                             (save_every, cfg.eval_every, steps_per_call))
+        batches = [next_batch() for _ in range(count)]
+        if count == 1:
+          state, device_metrics = step_fn(state, batches[0])
+          per_step = [jax.device_get(device_metrics)]
+        else:
+          state, device_metrics = program.train_steps(state, batches)
+          stacked = jax.device_get(device_metrics)
+          per_step = [{k: v[i] for k, v in stacked.items()} for i in range(count)]
         now = time.perf_counter()
-        dt, last_time = now - last_time, now
-        m.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
-                 mfu=flops_per_step / dt / peak if peak else 0.0)
-        if first_step_of_run:
-          m["includes_compile"] = 1.0
-          first_step_of_run = False
-        if step % cfg.log_every == 0 or step == cfg.num_steps:
-          run_log.write(step, {"kind": "train", **m})
-        if bar is not None:
-          bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
-          bar.update(1)
-        if m["nonfinite_streak"] >= cfg.max_nonfinite_streak:
-          raise NonFiniteLossError(
-              f"loss or gradients were non-finite for {int(m['nonfinite_streak'])} steps in a row "
-              f"(up to step {step}); those updates were skipped. Stopping "
-              f"(TrainerConfig.max_nonfinite_streak={cfg.max_nonfinite_streak}). Lower "
-              "OptimizerConfig.learning_rate, add warmup or TrainerConfig.z_loss, or check the data; "
-              "the last checkpoint holds the last good state.")
+        dt, last_time = (now - last_time) / count, now
+        for fetched in per_step:
+          m = {k: float(v) for k, v in fetched.items()}
+          step += 1
+          m.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt,
+                   mfu=flops_per_step / dt / peak if peak else 0.0)
+          if first_call_of_run:
+            m["includes_compile"] = 1.0
+          if step % cfg.log_every == 0 or step == cfg.num_steps:
+            run_log.write(step, {"kind": "train", **m})
+          if bar is not None:
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['tokens_per_s']:.0f}", refresh=False)
+            bar.update(1)
+          if m["nonfinite_streak"] >= cfg.max_nonfinite_streak:
+            raise NonFiniteLossError(
+                f"loss or gradients were non-finite for {int(m['nonfinite_streak'])} steps in a row "
+                f"(up to step {step}); those updates were skipped. Stopping "
+                f"(TrainerConfig.max_nonfinite_streak={cfg.max_nonfinite_streak}). Lower "
+                "OptimizerConfig.learning_rate, add warmup or TrainerConfig.z_loss, or check the data; "
+                "the last checkpoint holds the last good state.")
+        first_call_of_run = False
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.num_steps:
           evaluate()
         if manager is not None and manager.should_save(step):

@@ -5,6 +5,13 @@ already sharded (`jit` with `out_shardings`: params and optimizer state are
 never whole on one host), turns host batches into global arrays, and runs
 
     state, metrics = program.train_step(state, batch)   # donated state, in/out shardings
+    state, metrics = program.train_steps(state, [batch_1, ..., batch_n])  # n updates, one call
+
+`train_steps` runs the same step n times inside one executable (a `lax.scan` over the batches;
+metrics come back with a leading [n]), bit for bit the updates of n `train_step` calls. On
+CPU it is faster: XLA:CPU maps the step's temporaries afresh at every execution (1.15 GiB for
+llama-small, faulted in 4 KiB at a time), so one execution per n steps pays that once
+(`steps_per_call`, BENCHMARKS.md "Training throughput").
 
 Loss: token cross-entropy weighted by `loss_mask`, divided by the number of
 counted tokens in the whole (global) batch, plus `z_loss` * mean(log Z^2) and
@@ -186,6 +193,36 @@ def train_step(state: dict, batch: dict, *, model_config: ModelConfig, optimizer
   return new, metrics
 
 
+def train_steps(state: dict, batches: tuple, *, step_fn):
+  """len(batches) updates in one computation: `step_fn` scanned over the batches stacked; the
+  metrics stacked along a new leading axis."""
+  stacked = jax.tree.map(lambda *fields: jnp.stack(fields), *batches)
+  return jax.lax.scan(step_fn, state, stacked)
+
+
+# TrainerConfig.steps_per_call "auto": on a one-device CPU mesh, this many updates per call
+# (llama-small on the project's 2-core machine: 1.085x the step speed of one call per step, the
+# temporaries' page faults per step / 4, peak RSS +0.1 GiB; BENCHMARKS.md), for runs of at
+# least AUTO_MIN_STEPS steps (a call cut short by a checkpoint or eval step compiles once more
+# for its length; short runs, most tests among them, keep one call per step). TPU / GPU
+# allocators keep their memory, and multi-device CPU meshes are emulations for tests: 1 there.
+CPU_STEPS_PER_CALL = 4
+AUTO_MIN_STEPS = 64
+
+
+def resolve_steps_per_call(value, platform: str, device_count: int, num_steps: int) -> int:
+  """The updates per call TrainerConfig.steps_per_call=`value` means: an int >= 1 as given;
+  "auto": CPU_STEPS_PER_CALL for a run of >= AUTO_MIN_STEPS steps on a one-device CPU mesh,
+  else 1."""
+  if value == "auto":
+    if platform == "cpu" and device_count == 1 and num_steps >= AUTO_MIN_STEPS:
+      return CPU_STEPS_PER_CALL
+    return 1
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"TrainerConfig.steps_per_call={value!r} must be 'auto' or an int >= 1")
+  return value
+
+
 def eval_sums(params, batch: dict, *, model_config: ModelConfig) -> dict:
   return token_sums_and_aux(params, batch, model_config)[0]
 
@@ -229,6 +266,9 @@ class TrainProgram:
                                 schedule=self.schedule, step_config=step_config, tuning=tuning)
     self._step = jax.jit(step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
                          out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
+    self._steps = jax.jit(functools.partial(train_steps, step_fn=step_fn),
+                          in_shardings=(self.state_shardings, self.batch_sharding),
+                          out_shardings=(self.state_shardings, rep), donate_argnums=(0,))
     self._eval = jax.jit(functools.partial(eval_sums, model_config=model_config),
                          in_shardings=(self.param_shardings, self.batch_sharding), out_shardings=rep)
 
@@ -305,6 +345,18 @@ class TrainProgram:
       batch = self.global_batch(batch)
     with self.sharding_context():
       return self._step(state, batch)
+
+  def train_steps(self, state: dict, batches: Sequence[dict]):
+    """len(batches) updates in one call (module docstring); metrics with a leading [n]. Each
+    batch as for train_step; one compilation per number of batches."""
+    if jax.process_count() == 1:
+      batches = [self.global_batch(b) if isinstance(next(iter(b.values())), np.ndarray) else b
+                 for b in batches]
+    with self.sharding_context():
+      return self._steps(state, tuple(batches))
+
+  def platform(self) -> str:
+    return self.mesh.devices.flat[0].platform
 
   def eval_sums(self, params, batch: dict) -> dict:
     if jax.process_count() == 1 and isinstance(next(iter(batch.values())), np.ndarray):

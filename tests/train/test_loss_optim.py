@@ -59,6 +59,22 @@ def test_accuracy_on_rows_of_equal_logits_and_all_minus_inf():
   assert float(got["correct_sum"]) == hits.sum()
 
 
+def test_accuracy_with_ties_that_cannot_move_the_answer():
+  """Tied maxima where `target_logit == row max` alone gives the answer (the target is id 0, or
+  is not at the maximum at all) and a batch with no tie: the same hits as the plain formula."""
+  logits = np.array([[[2.0, 2.0, 1.0, 0.0], [1.0, 3.0, 3.0, 0.0], [0.0, 1.0, 2.0, 3.0]]], np.float32)
+  targets = np.array([[0, 0, 3]])  # row 0: target 0 tied (a hit); row 1: ids 1 and 2 tied, target
+  hits = _first_max_hits(logits, targets)  # 0 off the max (a miss); row 2: no tie (a hit)
+  assert hits.tolist() == [[True, False, True]]
+  got = token_loss_sums(jnp.asarray(logits), jnp.asarray(targets), jnp.ones((1, 3), jnp.float32))
+  assert float(got["correct_sum"]) == 2
+  untied = np.random.default_rng(3).permutation(40).reshape(2, 4, 5).astype(np.float32)
+  untied_targets = np.argmax(untied, -1)
+  untied_targets[0] = 0
+  got = token_loss_sums(jnp.asarray(untied), jnp.asarray(untied_targets), jnp.ones((2, 4), jnp.float32))
+  assert float(got["correct_sum"]) == _first_max_hits(untied, untied_targets).sum()
+
+
 def test_loss_gradient_matches_autodiff_of_the_plain_formula():
   """The closed-form backward equals jax.grad of logsumexp - take_along_axis (with z-loss)."""
   rng = np.random.default_rng(1)
