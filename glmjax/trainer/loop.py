@@ -97,8 +97,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StopSignals:
-  """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint at the next
-  step boundary and exits. A second Ctrl-C raises KeyboardInterrupt at once (Python's default)."""
+  """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint at the end
+  of the current call (a step, or steps_per_call of them) and exits. A second Ctrl-C raises KeyboardInterrupt at once (Python's default)."""
 
   def __init__(self):
     self.requested = None  # "SIGTERM" | "SIGINT"
