@@ -1,6 +1,7 @@
 """Shared test material for tuning: toy preference pairs, `glmjax train` runs of shrunk
 experiments, greedy decoding by full forwards over prefixed rows."""
 
+import jax
 import numpy as np
 
 from glmjax import config_gin
@@ -59,12 +60,19 @@ def cli_train(gin_file, workdir, steps, extra=(), *, shrink):
 
 def greedy_by_full_forward(params, config, prompts, new_tokens, prefix_len):
   """Greedy continuations of each prompt alone, one full forward over its prefixed row per token
-  (the reference the KV-cache decoder with a P-Tuning v2 prefix must meet)."""
+  (the reference the KV-cache decoder with a P-Tuning v2 prefix must meet). Every row is
+  right-padded to one length so the forward compiles once; causal attention keeps the padding
+  after the last real token out of its logits."""
+  length = max(len(p) for p in prompts) + new_tokens
+  full_forward = jax.jit(lambda p, batch: forward(p, batch, config))
   out = []
   for prompt in prompts:
     seq = list(prompt)
     for _ in range(new_tokens):
-      batch = prefix_lib.with_prefix_rows({"tokens": np.asarray([seq], np.int32)}, prefix_len)
-      seq.append(int(np.argmax(np.asarray(forward(params, batch, config))[0, -1])))
+      row = np.zeros((1, length), np.int32)
+      row[0, :len(seq)] = seq
+      batch = prefix_lib.with_prefix_rows({"tokens": row}, prefix_len)
+      logits = np.asarray(full_forward(params, batch))[0, prefix_len + len(seq) - 1]
+      seq.append(int(np.argmax(logits)))
     out.append(seq[len(prompt):])
   return out
