@@ -9,10 +9,10 @@ position saved with a checkpoint is exactly the number of batches the saved
 state has consumed, so a resumed run continues with the next batch.
 
 With TrainerConfig.steps_per_call = n > 1 (the "auto" default for runs of >= 64 steps on one
-CPU device) the steps go n to a call (TrainProgram.train_steps, the same updates bit for bit): calls end at every
-checkpoint / eval step and at the end, so those happen at the same steps as with n = 1; a stop
-signal takes effect at the end of the call (n steps at most); each step's logged time is the
-call's over n.
+CPU device) the steps go n to a call (TrainProgram.train_steps, the same updates bit for bit):
+calls end at every checkpoint / eval step and at the end, so those happen at the same steps as
+with n = 1; a stop signal takes effect at the end of the call (n steps at most); each step's
+logged time is the call's over n.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ class NonFiniteLossError(RuntimeError):
 
 class _StopSignals:
   """SIGTERM (preemption) and SIGINT (Ctrl-C) set a flag; the loop saves a checkpoint at the end
-  of the current call (a step, or steps_per_call of them) and exits. A second Ctrl-C raises KeyboardInterrupt at once (Python's default)."""
+  of the current call (a step, or steps_per_call of them) and exits. A second Ctrl-C raises
+  KeyboardInterrupt at once (Python's default)."""
 
   def __init__(self):
     self.requested = None  # "SIGTERM" | "SIGINT"
@@ -276,14 +277,14 @@ def train(experiment: Experiment, workdir: Optional[str] = None, *, train_data=N
   layout = {"batch_size": experiment.data.batch_size, "sequence_length": experiment.data.sequence_length}
   step_fn = program.train_step
   save_every = experiment.checkpoint.save_every if workdir is not None else 0
-  steps_per_call = step_lib.resolve_steps_per_call(
-      cfg.steps_per_call, program.platform(), program.mesh.size, cfg.num_steps)
+  steps_per_call = 1  # DPO / reward steps: one per call (_validate refuses more)
+  if not (experiment.dpo.task or experiment.reward.task):
+    steps_per_call = step_lib.resolve_steps_per_call(
+        cfg.steps_per_call, program.platform(), program.mesh.size, cfg.num_steps)
   if experiment.dpo.task:  # DPO on preference pairs (glmjax.tuning.dpo) instead of the LM mixture
     step_fn, train_data = dpo_lib.train_hooks(program, experiment)
   elif experiment.reward.task:  # a Bradley-Terry reward model on preference pairs (glmjax.tuning.reward)
     step_fn, train_data = reward_lib.train_hooks(program, experiment)
-  if experiment.dpo.task or experiment.reward.task:
-    steps_per_call = 1
   if train_data is None:
     stream = data_lib.train_stream(experiment.data, pid, nproc, model=experiment.model)
     host_rows = lambda b: b  # noqa: E731

@@ -339,27 +339,26 @@ class TrainProgram:
     """This process's rows -> global arrays sharded over the mesh's batch axes."""
     return shd.global_batch(host_batch, self.batch_sharding, self.global_batch_size)
 
+  def _as_global(self, batch: dict) -> dict:
+    """`batch` as global arrays: host numpy (a single process only) goes through global_batch."""
+    if jax.process_count() == 1 and isinstance(next(iter(batch.values())), np.ndarray):
+      return self.global_batch(batch)
+    return batch
+
   def train_step(self, state: dict, batch: dict):
     """One update; `batch` is global arrays (see global_batch) or host numpy on a single process."""
-    if jax.process_count() == 1 and isinstance(next(iter(batch.values())), np.ndarray):
-      batch = self.global_batch(batch)
     with self.sharding_context():
-      return self._step(state, batch)
+      return self._step(state, self._as_global(batch))
 
   def train_steps(self, state: dict, batches: Sequence[dict]):
     """len(batches) updates in one call (module docstring); metrics with a leading [n]. Each
     batch as for train_step; one compilation per number of batches."""
-    if jax.process_count() == 1:
-      batches = [self.global_batch(b) if isinstance(next(iter(b.values())), np.ndarray) else b
-                 for b in batches]
     with self.sharding_context():
-      return self._steps(state, tuple(batches))
+      return self._steps(state, tuple(self._as_global(b) for b in batches))
 
   def platform(self) -> str:
     return self.mesh.devices.flat[0].platform
 
   def eval_sums(self, params, batch: dict) -> dict:
-    if jax.process_count() == 1 and isinstance(next(iter(batch.values())), np.ndarray):
-      batch = self.global_batch(batch)
     with self.sharding_context():
-      return self._eval(params, batch)
+      return self._eval(params, self._as_global(batch))
